@@ -1,0 +1,125 @@
+"""Noise schedules and timestep spacings.
+
+A `Schedule` holds the tensors of the forward process indexed by the paper's t, so that
+`alpha_bar[t]` is the paper's alpha_bar_t for t = 1..T and index 0 is the clean data
+(beta_0 = 0, alpha_bar_0 = 1). Samplers can therefore always step "to s = 0" and land on x0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DdpmkitError
+
+MAX_BETA = 0.999  # Nichol & Dhariwal clip beta_t at 0.999 to avoid a singularity at t = T
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tensors of length T + 1 (float64), index t = 0..T, built from beta_1..beta_T."""
+
+    beta: torch.Tensor
+    alpha: torch.Tensor
+    alpha_bar: torch.Tensor
+    alpha_bar_prev: torch.Tensor
+    beta_tilde: torch.Tensor
+    name: str = "custom"
+
+    @property
+    def T(self) -> int:
+        return self.beta.shape[0] - 1
+
+    @staticmethod
+    def from_betas(beta_1_to_T: torch.Tensor, name: str = "custom") -> "Schedule":
+        beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta_1_to_T.double()])
+        alpha = 1.0 - beta  # alpha_t = 1 - beta_t
+        alpha_bar = torch.cumprod(alpha, 0)  # alpha_bar_t = prod_{s<=t} alpha_s
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t   (DDPM eq. 7)
+        beta_tilde = torch.zeros_like(beta)
+        beta_tilde[1:] = (1 - alpha_bar_prev[1:]) / (1 - alpha_bar[1:]) * beta[1:]
+        return Schedule(beta, alpha, alpha_bar, alpha_bar_prev, beta_tilde, name)
+
+    def at(self, name: str, t: torch.Tensor, ndim: int = 4, dtype=torch.float32) -> torch.Tensor:
+        """Gather tensor `name` at integer steps t [B] and reshape to [B, 1, ..., 1] for broadcasting."""
+        values = getattr(self, name).to(t.device)[t.long()]
+        return values.to(dtype).reshape(-1, *([1] * (ndim - 1)))
+
+
+def linear(T: int) -> Schedule:
+    """Ho et al. 2020: beta_t linear from 1e-4 to 0.02 over T steps."""
+    _check_T(T)
+    return Schedule.from_betas(torch.linspace(1e-4, 0.02, T, dtype=torch.float64), "linear")
+
+
+def cosine(T: int, s: float = 0.008) -> Schedule:
+    """Nichol & Dhariwal 2021: alpha_bar_t = f(t) / f(0), f(t) = cos^2(pi/2 (t/T + s) / (1 + s))."""
+    _check_T(T)
+    t = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    beta = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=MAX_BETA)  # beta_t = 1 - abar_t/abar_{t-1}
+    return Schedule.from_betas(beta, "cosine")
+
+
+SCHEDULES = {"linear": linear, "cosine": cosine}
+
+
+def build_schedule(name: str, T: int) -> Schedule:
+    if name not in SCHEDULES:
+        raise DdpmkitError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name](T)
+
+
+def _check_T(T: int) -> None:
+    if not isinstance(T, int) or T < 1:
+        raise DdpmkitError(f"the number of diffusion steps T must be a positive integer, got {T!r}")
+
+
+# ---- timestep spacings: which of 1..T a sampler visits, in decreasing order --------------------
+
+
+def uniform(T: int, n: int) -> list[int]:
+    """n steps evenly spread over [1, T], both ends included."""
+    return _strictly_decreasing([1 + (T - 1) * _fraction(i, n) for i in range(n)], T)
+
+
+def quadratic(T: int, n: int) -> list[int]:
+    """Denser near t = 1 (DDIM paper's quadratic spacing): t_i proportional to i^2."""
+    return _strictly_decreasing([1 + (T - 1) * _fraction(i, n) ** 2 for i in range(n)], T)
+
+
+def trailing(T: int, n: int) -> list[int]:
+    """Lin et al. 2024: start at T, step T/n, so the first step sees pure noise at t = T."""
+    return _strictly_decreasing([T - i * T / n for i in range(n)], T)
+
+
+SPACINGS = {"uniform": uniform, "quadratic": quadratic, "trailing": trailing}
+
+
+def timesteps(T: int, n: int, spacing: str = "uniform") -> list[int]:
+    """The decreasing steps t_n > ... > t_1 (>= 1) a sampler visits; it then steps to t = 0."""
+    if spacing not in SPACINGS:
+        raise DdpmkitError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if not isinstance(n, int) or n < 1:
+        raise DdpmkitError(f"the number of sampling steps must be a positive integer, got {n!r}")
+    if n > T:
+        raise DdpmkitError(f"cannot sample with {n} steps: the model has only T = {T} diffusion steps")
+    return SPACINGS[spacing](T, n)
+
+
+def _fraction(i: int, n: int) -> float:
+    """Position of step i of n on [0, 1], from 1 (first step, t = T) down to 0 (last, t = 1)."""
+    return (n - 1 - i) / (n - 1) if n > 1 else 1.0
+
+
+def _strictly_decreasing(values: list[float], T: int) -> list[int]:
+    """Round to integers, keep position i within [n - i, T - i] and push collisions apart."""
+    n = len(values)
+    steps = [min(T - i, max(n - i, round(v))) for i, v in enumerate(values)]
+    for i in range(1, n):
+        steps[i] = min(steps[i], steps[i - 1] - 1)
+    return steps

@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.schedules import SPACINGS, build_schedule, cosine, linear, timesteps
+
+
+def test_linear_matches_ho_et_al():
+    sch = linear(1000)
+    assert sch.T == 1000
+    assert sch.beta[0] == 0 and sch.alpha_bar[0] == 1
+    assert math.isclose(float(sch.beta[1]), 1e-4) and math.isclose(float(sch.beta[1000]), 0.02)
+    assert torch.allclose(sch.beta[1:], torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("T", [10, 500, 1000])
+def test_cosine_matches_closed_form(T):
+    sch, s = cosine(T), 0.008
+    t = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    closed = f / f[0]
+    unclipped = sch.beta < 0.999  # clipping only changes the very last steps
+    assert torch.allclose(sch.alpha_bar[unclipped], closed[unclipped], rtol=1e-9, atol=1e-12)
+    assert float(sch.beta.max()) <= 0.999
+    assert float(sch.beta[T]) == pytest.approx(0.999)  # cos^2 reaches 0 at T, so beta_T is clipped
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_derived_tensors(name):
+    sch = build_schedule(name, 50)
+    assert torch.allclose(sch.alpha, 1 - sch.beta)
+    assert torch.allclose(sch.alpha_bar, torch.cumprod(sch.alpha, 0))
+    assert torch.allclose(sch.alpha_bar_prev[1:], sch.alpha_bar[:-1])
+    t = torch.arange(2, 51)
+    expected = (1 - sch.alpha_bar[t - 1]) / (1 - sch.alpha_bar[t]) * sch.beta[t]
+    assert torch.allclose(sch.beta_tilde[t], expected)
+    assert sch.beta_tilde[1] == 0  # q(x_0 | x_1, x_0) is a point mass
+    assert bool((sch.beta_tilde[1:] <= sch.beta[1:]).all())
+
+
+def test_at_broadcasts():
+    sch = linear(10)
+    v = sch.at("alpha_bar", torch.tensor([1, 10]), ndim=4)
+    assert v.shape == (2, 1, 1, 1) and v.dtype == torch.float32
+
+
+@pytest.mark.parametrize("spacing", sorted(SPACINGS))
+@pytest.mark.parametrize("T,n", [(1000, 10), (1000, 1), (50, 50), (20, 19), (500, 35), (7, 3)])
+def test_spacings_are_valid(spacing, T, n):
+    steps = timesteps(T, n, spacing)
+    assert len(steps) == n
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    assert 1 <= min(steps) and max(steps) <= T
+
+
+def test_spacing_shapes():
+    assert timesteps(1000, 10, "trailing")[:3] == [1000, 900, 800]
+    assert timesteps(1000, 10, "uniform")[0] == 1000 and timesteps(1000, 10, "uniform")[-1] == 1
+    q = timesteps(1000, 10, "quadratic")
+    assert q[-2] - q[-1] < q[0] - q[1]  # denser near t = 1
+
+
+@pytest.mark.parametrize("bad", [dict(n=0), dict(n=11), dict(spacing="nope")])
+def test_bad_spacing_args(bad):
+    args = dict(T=10, n=5, spacing="uniform") | bad
+    with pytest.raises(DdpmkitError):
+        timesteps(**args)
+
+
+def test_unknown_schedule():
+    with pytest.raises(DdpmkitError, match="unknown schedule"):
+        build_schedule("sigmoid", 10)
+    with pytest.raises(DdpmkitError):
+        linear(0)
