@@ -1,6 +1,5 @@
 """Known-answer fixtures: the exact denoiser of Gaussian data, and a tiny image dataset."""
 
-import torch
 from torch import nn
 
 from ddpmkit.schedules import Schedule

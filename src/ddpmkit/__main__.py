@@ -1,0 +1,7 @@
+"""`python -m ddpmkit` (what torchrun launches) is the `ddpmkit` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

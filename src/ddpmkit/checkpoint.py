@@ -1,0 +1,163 @@
+"""The run directory: config.json, checkpoints, metrics, pictures. Atomic writes; never clobbers.
+
+    RUN/config.json                   the RunConfig (JSON)
+    RUN/metrics.jsonl                 one JSON object per logged step
+    RUN/ckpt-00001000/                one complete checkpoint, renamed into place when complete:
+        ema.safetensors               EMA weights (used for sampling)
+        model.safetensors             raw weights
+        train_state.pt                optimizer state and RNG states (tensors only; weights_only load)
+        state.json                    step, epoch position, format version
+    RUN/samples/step-00001000.png     sample grids; RUN/loss.png the loss curve
+
+Weights are only ever read through safetensors and configs as JSON; the optimizer state goes
+through `torch.load(weights_only=True)`, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig
+from .errors import DdpmkitError
+from .fileio import atomic_write_text
+
+FORMAT_VERSION = 1
+CKPT_PREFIX = "ckpt-"
+_UMASK = os.umask(0)  # read once, so that checkpoint directories get the usual permissions
+os.umask(_UMASK)
+
+
+# ---- the run directory -----------------------------------------------------------------------
+
+
+def is_run(run_dir: Path) -> bool:
+    return (Path(run_dir) / "config.json").is_file()
+
+
+def create_run(run_dir: Path, config: RunConfig) -> Path:
+    """Make a new run directory; refuse if it already holds anything (nothing is modified)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DdpmkitError(f"{run_dir} exists and is not a directory")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        what = "a run" if is_run(run_dir) else "files"
+        raise DdpmkitError(f"{run_dir} already holds {what}; use --resume {run_dir} to continue it, "
+                           "or choose a new --out directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", config.to_json())
+    except OSError as e:
+        raise DdpmkitError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
+    return run_dir
+
+
+def load_config(run_dir: Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not is_run(run_dir):
+        raise DdpmkitError(f"{run_dir} is not a ddpmkit run directory (no config.json); "
+                           "train one with `ddpmkit train --out DIR`")
+    try:
+        return RunConfig.from_json((run_dir / "config.json").read_text())
+    except (ValueError, TypeError) as e:
+        raise DdpmkitError(f"{run_dir / 'config.json'} is not a valid ddpmkit config: {e}") from e
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (incomplete ones never get their final name)."""
+    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
+                    train_state: dict, state: dict, keep: int = 2) -> Path:
+    """Write a complete checkpoint into a temp directory, then rename it into place.
+
+    A crash at any moment leaves either the previous checkpoints or the new one, never a partial
+    one under a final name. Refuses NaN/inf weights. Keeps the newest `keep` checkpoints.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / f"{CKPT_PREFIX}{step:08d}"
+    for name, module in (("model", model), ("ema", ema)):
+        _check_finite(module, name, step)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=run_dir))
+    try:
+        save_file(_state_dict(model), str(tmp / "model.safetensors"))
+        save_file(_state_dict(ema), str(tmp / "ema.safetensors"))
+        torch.save(train_state, tmp / "train_state.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "format": FORMAT_VERSION}))
+        _fsync_dir_files(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise DdpmkitError(f"could not save a checkpoint in {run_dir}: {e.strerror or e}; "
+                               "the previous checkpoint is intact") from e
+        raise
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _state_dict(module: torch.nn.Module) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def _check_finite(module: torch.nn.Module, name: str, step: int) -> None:
+    for key, value in module.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise DdpmkitError(f"refusing to save step {step}: {name} weight {key} holds NaN or inf")
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for p in directory.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights, naming any mismatch with the architecture in one sentence."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise DdpmkitError(f"cannot read weights {path}: {e}") from e
+    expected = module.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(extra[:3])}" if extra else "",
+            f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, model wants "
+            f"{tuple(expected[wrong[0]].shape)}" if wrong else ""]))
+        raise DdpmkitError(f"weights {path} do not fit this architecture: {detail}")
+    module.load_state_dict(tensors)
+
+
+def load_state(ckpt: Path) -> tuple[dict, dict]:
+    """(state.json, train_state) of a checkpoint; the latter through the weights-only unpickler."""
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise DdpmkitError(f"{ckpt} has checkpoint format {state.get('format')}, this ddpmkit reads "
+                           f"format {FORMAT_VERSION}")
+    try:
+        train_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DdpmkitError(f"refusing to load {ckpt / 'train_state.pt'}: it is not a plain tensor "
+                           f"file ({type(e).__name__})") from e
+    return state, train_state

@@ -1,0 +1,207 @@
+"""Typed configuration: CLI flags -> RunConfig -> library objects. Defaults live only here.
+
+A run directory stores its RunConfig as config.json, so `sample`, `eval` and `animate` need
+nothing but the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from .errors import DdpmkitError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "unet"  # "unet" (seed 002) or "convnext" (seed 001)
+    # unet
+    base_channels: int = 32
+    channel_mults: tuple = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = (7,)
+    dropout: float = 0.0
+    num_heads: int = 4
+    attn_type: str = "full"
+    time_embedding: str = "sinusoidal"
+    downsample: str = "conv"
+    upsample: str = "transposed"
+    init_conv_kernel: int = 3
+    final_res_block: bool = False
+    # convnext
+    channels: tuple = (16, 32, 64, 128)
+    strides: tuple = (2, 2, 3)
+    mult: int = 3
+    # both
+    self_condition: bool = False
+
+    UNET_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attn_resolutions", "dropout",
+                 "num_heads", "attn_type", "time_embedding", "downsample", "upsample",
+                 "init_conv_kernel", "final_res_block")
+    CONVNEXT_KEYS = ("channels", "strides", "mult")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000  # T
+    schedule: str = "cosine"
+    objective: str = "eps"  # what the network predicts: eps, x0 or v
+    learn_sigma: bool = False  # Nichol & Dhariwal learned variances (L_hybrid)
+    min_snr_gamma: Optional[float] = None  # Hang et al. 2023 loss weighting; None = L_simple
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    image_size: Optional[int] = None  # None = the dataset's own size
+    conditional: bool = True
+    label_dropout: float = 0.1  # p(y -> null) in training, for classifier-free guidance
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # the run's total number of optimizer steps
+    epochs: Optional[float] = None
+    minutes: Optional[float] = None  # wall-clock budget of this invocation
+    batch_size: int = 128
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 200  # linear LR warm-up steps
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    precision: str = "fp32"  # fp32, bf16, fp16
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep: int = 2  # checkpoints kept on disk
+    on_nan: str = "stop"  # stop or skip
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class SampleConfig:
+    """The run's default sampling settings (a preset may change them; flags override)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = "uniform"
+    guidance: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    # filled in from the dataset when the run starts
+    in_channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    class_names: tuple = ()
+    preset: Optional[str] = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> "RunConfig":
+        return from_dict(RunConfig, json.loads(text))
+
+
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+            "train": TrainConfig, "sample": SampleConfig}
+
+
+def from_dict(cls, data: dict):
+    """Build a dataclass from a dict, recursively, refusing unknown keys."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise DdpmkitError(f"unknown {cls.__name__} keys in config: {', '.join(sorted(unknown))}")
+    values = {}
+    for name, value in data.items():
+        if name in SECTIONS and cls is RunConfig:
+            value = from_dict(SECTIONS[name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def model_kwargs(config: RunConfig) -> dict:
+    """Constructor keywords for the chosen architecture."""
+    m = config.model
+    keys = ModelConfig.UNET_KEYS if m.arch == "unet" else ModelConfig.CONVNEXT_KEYS
+    kwargs = {k: getattr(m, k) for k in keys}
+    kwargs.update(in_channels=config.in_channels, image_size=config.image_size,
+                  num_classes=config.num_classes if config.data.conditional else 0,
+                  learn_sigma=config.diffusion.learn_sigma, self_condition=m.self_condition)
+    return kwargs
+
+
+# ---- presets: named overrides of the defaults (flags given with a preset override it) -------
+
+PRESETS: dict[str, dict] = {
+    # The seed notebook (001): MNIST, T = 500, cosine, its ConvNeXt U-Net (m = 3), batch 128,
+    # Adam lr 1e-3, 20 epochs, no EMA/clipping/warm-up/label dropout; 35 sampling steps, eta 0.1.
+    "seed-notebook": {
+        "model": {"arch": "convnext", "channels": (16, 32, 64, 128), "strides": (2, 2, 3), "mult": 3},
+        "diffusion": {"timesteps": 500, "schedule": "cosine", "objective": "eps"},
+        "data": {"dataset": "mnist", "label_dropout": 0.0},
+        "train": {"batch_size": 128, "optimizer": "adam", "lr": 1e-3, "epochs": 20, "warmup": 0,
+                  "grad_clip": 0.0, "ema_decay": 0.0, "weight_decay": 0.0},
+        "sample": {"sampler": "ddim", "steps": 35, "eta": 0.1},
+    },
+}
+
+
+def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
+    """A copy of `config` with {section: {field: value}} overrides applied (unknown keys refused)."""
+    data = dataclasses.asdict(config)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data[section].update(values)
+        else:
+            data[section] = values
+    return from_dict(RunConfig, data)
+
+
+def validate(config: RunConfig) -> None:
+    """Refuse settings that cannot work, with one sentence naming the flag."""
+    m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
+    checks = [
+        (m.arch in ("unet", "convnext"), f"--arch must be unet or convnext, got {m.arch!r}"),
+        (d.timesteps >= 1, f"--timesteps must be >= 1, got {d.timesteps}"),
+        (d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}"),
+        (d.objective in ("eps", "x0", "v"), f"--objective must be eps, x0 or v, got {d.objective!r}"),
+        (d.min_snr_gamma is None or d.min_snr_gamma > 0, "--min-snr-gamma must be > 0"),
+        (0.0 <= data.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {data.label_dropout}"),
+        (t.steps is None or t.steps >= 1, f"--steps must be >= 1, got {t.steps}"),
+        (t.epochs is None or t.epochs > 0, f"--epochs must be > 0, got {t.epochs}"),
+        (t.minutes is None or t.minutes > 0, f"--minutes must be > 0, got {t.minutes}"),
+        (t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}"),
+        (t.grad_accum >= 1, f"--grad-accum must be >= 1, got {t.grad_accum}"),
+        (t.lr > 0, f"--lr must be > 0, got {t.lr}"),
+        (t.warmup >= 0, f"--warmup must be >= 0, got {t.warmup}"),
+        (0.0 <= t.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {t.ema_decay}"),
+        (t.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {t.precision!r}"),
+        (t.on_nan in ("stop", "skip"), f"--on-nan must be stop or skip, got {t.on_nan!r}"),
+        (t.keep >= 1, f"--keep must be >= 1, got {t.keep}"),
+        (min(t.log_every, t.sample_every, t.checkpoint_every) >= 1, "--log-every, --sample-every and "
+         "--checkpoint-every must be >= 1"),
+        (s.steps <= d.timesteps, f"--sample-steps {s.steps} exceeds the {d.timesteps} diffusion steps"),
+        (0.0 <= s.eta <= 1.0, f"--eta must be in [0, 1], got {s.eta}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DdpmkitError(message)

@@ -1,0 +1,202 @@
+"""Building blocks shared by the networks: embeddings, ResBlock, Attention2d, Down/Upsample."""
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpmkit.errors import DdpmkitError
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise DdpmkitError(message) unless ok."""
+    if not ok:
+        raise DdpmkitError(message)
+
+
+def check_choice(value: str, choices: Iterable[str], what: str) -> None:
+    """Raise DdpmkitError unless value is one of choices."""
+    choices = tuple(choices)
+    require(value in choices, f"unknown {what} {value!r}; choose one of: {', '.join(choices)}.")
+
+
+def group_count(channels: int, groups: int) -> int:
+    """The largest number of GroupNorm groups <= groups that divides channels."""
+    return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero every parameter of module, so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer encoding of the step t: [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2))."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        require(dim >= 2 and dim % 2 == 0, f"a sinusoidal embedding needs an even dim, got {dim}.")
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half) / half)  # w_i = P^(-i/half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.out_dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:
+        angles = t[:, None].to(self.freqs.dtype) * self.freqs  # [B, half]: t * w_i
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class LearnedSinusoidalEmbedding(nn.Module):
+    """Fourier features [t, sin(2 pi w t), cos(2 pi w t)], w ~ N(0, 1) learned or fixed (random).
+
+    As lucidrains' RandomOrLearnedSinusoidalPosEmb; the output has dim + 1 features.
+    """
+
+    def __init__(self, dim: int, random: bool = False):
+        super().__init__()
+        require(dim >= 2 and dim % 2 == 0, f"a Fourier embedding needs an even dim, got {dim}.")
+        weights = torch.randn(dim // 2)
+        if random:
+            self.register_buffer("weights", weights)
+        else:
+            self.weights = nn.Parameter(weights)
+        self.out_dim = dim + 1
+
+    def forward(self, t: Tensor) -> Tensor:
+        t = t[:, None].to(self.weights.dtype)
+        angles = 2 * math.pi * t * self.weights  # 2 pi w t
+        return torch.cat([t, angles.sin(), angles.cos()], dim=-1)
+
+
+TIME_EMBEDDINGS = ("sinusoidal", "learned", "random_fourier")
+
+
+class TimestepEmbedder(nn.Sequential):
+    """t -> Fourier features -> Linear -> SiLU -> Linear: the DDPM time embedding [B, emb_dim]."""
+
+    def __init__(self, freq_dim: int, emb_dim: int, kind: str = "sinusoidal"):
+        check_choice(kind, TIME_EMBEDDINGS, "time embedding")
+        if kind == "sinusoidal":
+            features = SinusoidalEmbedding(freq_dim)
+        else:
+            features = LearnedSinusoidalEmbedding(freq_dim, random=kind == "random_fourier")
+        super().__init__(
+            features, nn.Linear(features.out_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+
+class ClassEmbedding(nn.Module):
+    """Learned class vectors; the extra row num_classes is the null class (no label, guidance)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.null_class = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: Tensor | None, batch_size: int) -> Tensor:
+        if y is None:
+            y = torch.full((batch_size,), self.null_class, device=self.table.weight.device)
+        return self.table(y)
+
+
+def norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with as many groups as possible up to groups."""
+    return nn.GroupNorm(group_count(channels, groups), channels)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block with the embedding added between its two convolutions.
+
+    h = conv(SiLU(GN(x))) + Linear(SiLU(emb));  out = skip(x) + conv0(Dropout(SiLU(GN(h)))).
+    """
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1)
+        )
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
+        self.out_layers = nn.Sequential(
+            norm(c_out, groups),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_init(nn.Conv2d(c_out, c_out, 3, padding=1)),
+        )
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x) + self.emb_proj(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q^T k / sqrt(d)) v over positions; q, k, v and the result are [B, heads, d, N]."""
+    q, k, v = (z.transpose(-1, -2) for z in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Linear attention (Shen et al.; lucidrains' LinearAttention) on [B, heads, d, N] tensors."""
+    d, n = q.shape[-2:]
+    q = q.softmax(dim=-2) * d**-0.5  # softmax over features, scaled by 1/sqrt(d)
+    k = k.softmax(dim=-1)  # softmax over positions
+    context = torch.einsum("bhdn,bhen->bhde", k, v / n)  # context = k v^T / N
+    return torch.einsum("bhde,bhdn->bhen", context, q)  # out = context^T q
+
+
+ATTENTION = {"full": full_attention, "linear": linear_attention}
+
+
+class Attention2d(nn.Module):
+    """Pre-norm multi-head self-attention over the H*W positions: x + proj(attn(GN(x)))."""
+
+    def __init__(self, channels: int, num_heads: int = 4, kind: str = "full", groups: int = 32):
+        super().__init__()
+        check_choice(kind, ATTENTION, "attention type")
+        require(
+            channels % num_heads == 0,
+            f"{channels} channels cannot be split into {num_heads} attention heads.",
+        )
+        self.num_heads, self.kind = num_heads, kind
+        self.attend = ATTENTION[kind]
+        self.norm = norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        out = self.attend(*qkv.unbind(1)).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+DOWNSAMPLE = ("conv", "space_to_depth")
+UPSAMPLE = ("transposed", "nearest")
+
+
+class Downsample(nn.Sequential):
+    """Halve H and W: a 4x4 stride-2 conv, or pixel-unshuffle (space-to-depth) then a 1x1 conv."""
+
+    def __init__(self, c_in: int, c_out: int, kind: str = "conv"):
+        check_choice(kind, DOWNSAMPLE, "downsample")
+        if kind == "conv":
+            super().__init__(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
+        else:
+            super().__init__(nn.PixelUnshuffle(2), nn.Conv2d(4 * c_in, c_out, 1))
+
+
+class Upsample(nn.Sequential):
+    """Double H and W: a 4x4 stride-2 transposed conv, or nearest x2 then a 3x3 conv."""
+
+    def __init__(self, c_in: int, c_out: int, kind: str = "transposed"):
+        check_choice(kind, UPSAMPLE, "upsample")
+        if kind == "transposed":
+            super().__init__(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+        else:
+            super().__init__(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)
+            )

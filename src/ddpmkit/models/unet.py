@@ -1,0 +1,239 @@
+"""The DDPM U-Net (Ho et al. 2020) in the improved-diffusion layout (Nichol & Dhariwal 2021)."""
+
+import torch
+from torch import Tensor, nn
+
+from ddpmkit.models.layers import (
+    ATTENTION,
+    DOWNSAMPLE,
+    TIME_EMBEDDINGS,
+    UPSAMPLE,
+    Attention2d,
+    ClassEmbedding,
+    Downsample,
+    ResBlock,
+    TimestepEmbedder,
+    Upsample,
+    check_choice,
+    norm,
+    require,
+    zero_init,
+)
+
+
+class EmbedSequential(nn.Sequential):
+    """A Sequential that hands the embedding to the ResBlocks inside it."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+def validate(c: dict) -> None:
+    """Raise DdpmkitError, in one sentence, for a UNet config that cannot be built."""
+    for name in (
+        "in_channels",
+        "image_size",
+        "base_channels",
+        "num_res_blocks",
+        "num_heads",
+        "groups",
+    ):
+        require(c[name] >= 1, f"{name} must be a positive integer, got {c[name]}.")
+    mults, size, heads = c["channel_mults"], c["image_size"], c["num_heads"]
+    require(
+        len(mults) > 0 and min(mults) >= 1, f"channel_mults must be positive integers, got {mults}."
+    )
+    require(
+        c["num_classes"] >= 0,
+        f"num_classes must be 0 (unconditional) or more, got {c['num_classes']}.",
+    )
+    require(0 <= c["dropout"] < 1, f"dropout must be in [0, 1), got {c['dropout']}.")
+    require(
+        c["init_conv_kernel"] % 2 == 1,
+        f"init_conv_kernel must be odd, got {c['init_conv_kernel']}.",
+    )
+    factor = 2 ** (len(mults) - 1)
+    require(
+        size % factor == 0,
+        f"an image size the architecture cannot take: {size} is not divisible by {factor} "
+        f"(the {len(mults)} levels halve it {len(mults) - 1} times).",
+    )
+    sizes = [size // 2**level for level in range(len(mults))]
+    missing = sorted(set(c["attn_resolutions"]) - set(sizes))
+    require(not missing, f"attention resolutions {missing} match no level; the levels are {sizes}.")
+    widths = [c["base_channels"] * m for m in mults]
+    require(
+        all(w % heads == 0 for w in widths),
+        f"the channel counts {widths} must all be divisible by num_heads={heads}.",
+    )
+    check_choice(c["attn_type"], ATTENTION, "attention type")
+    check_choice(c["time_embedding"], TIME_EMBEDDINGS, "time embedding")
+    check_choice(c["downsample"], DOWNSAMPLE, "downsample")
+    check_choice(c["upsample"], UPSAMPLE, "upsample")
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net: ResBlocks with a time (and class) embedding, attention at chosen sizes.
+
+    Down: init conv, then per level num_res_blocks ResBlocks (each followed by attention when the
+    level's size is in attn_resolutions) and a Downsample except at the last level; every output is
+    kept as a skip. Mid: ResBlock, full attention, ResBlock. Up: per level num_res_blocks + 1
+    ResBlocks, each eating one skip (as in improved-diffusion), then an Upsample except at the top.
+    Out: GroupNorm, SiLU, zero-initialised 3x3 conv, so the untrained network outputs zeros.
+
+    The embedding is 4 * base_channels wide. Options: self_condition feeds [x_t, x_self_cond];
+    learn_sigma outputs [prediction (eps, x0 or v), variance interpolation] along channels;
+    final_res_block (lucidrains' layout, with init_conv_kernel=7) adds a ResBlock over
+    [h, init conv features] before the output. Downsample and Upsample keep the channel count;
+    each level's first ResBlock changes it.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        image_size: int = 28,
+        base_channels: int = 64,
+        channel_mults: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (14,),
+        dropout: float = 0.0,
+        num_heads: int = 4,
+        num_classes: int = 0,
+        learn_sigma: bool = False,
+        self_condition: bool = False,
+        attn_type: str = "full",
+        time_embedding: str = "sinusoidal",
+        groups: int = 32,
+        downsample: str = "conv",
+        upsample: str = "transposed",
+        init_conv_kernel: int = 3,
+        final_res_block: bool = False,
+    ):
+        super().__init__()
+        self.config = dict(
+            in_channels=in_channels,
+            image_size=image_size,
+            base_channels=base_channels,
+            channel_mults=list(channel_mults),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions),
+            dropout=dropout,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            self_condition=self_condition,
+            attn_type=attn_type,
+            time_embedding=time_embedding,
+            groups=groups,
+            downsample=downsample,
+            upsample=upsample,
+            init_conv_kernel=init_conv_kernel,
+            final_res_block=final_res_block,
+        )
+        validate(self.config)
+        self._build()
+
+    def _build(self) -> None:
+        c = self.config
+        base, groups = c["base_channels"], c["groups"]
+        self.emb_dim = 4 * base
+        self.time_embed = TimestepEmbedder(base, self.emb_dim, c["time_embedding"])
+        self.class_embed = (
+            ClassEmbedding(c["num_classes"], self.emb_dim) if c["num_classes"] else None
+        )
+        x_channels = c["in_channels"] * (2 if c["self_condition"] else 1)
+        kernel = c["init_conv_kernel"]
+        self.init_conv = nn.Conv2d(x_channels, base, kernel, padding=kernel // 2)
+        self.down, skip_channels = self._down_path()
+        ch = skip_channels[-1]
+        self.mid = EmbedSequential(
+            self._res_block(ch, ch),
+            Attention2d(ch, c["num_heads"], "full", groups),
+            self._res_block(ch, ch),
+        )
+        self.up = self._up_path(skip_channels)
+        width = base * c["channel_mults"][0]
+        self.final_res_block = (
+            self._res_block(width + base, width) if c["final_res_block"] else None
+        )
+        out_channels = c["in_channels"] * (2 if c["learn_sigma"] else 1)
+        self.out = nn.Sequential(
+            norm(width, groups), nn.SiLU(), zero_init(nn.Conv2d(width, out_channels, 3, padding=1))
+        )
+
+    def _res_block(self, c_in: int, c_out: int) -> ResBlock:
+        return ResBlock(c_in, c_out, self.emb_dim, self.config["dropout"], self.config["groups"])
+
+    def _stage(self, c_in: int, c_out: int, size: int) -> EmbedSequential:
+        """A ResBlock, followed by attention when size is one of attn_resolutions."""
+        c = self.config
+        stage = EmbedSequential(self._res_block(c_in, c_out))
+        if size in c["attn_resolutions"]:
+            stage.append(Attention2d(c_out, c["num_heads"], c["attn_type"], c["groups"]))
+        return stage
+
+    def _down_path(self) -> tuple[nn.ModuleList, list[int]]:
+        c = self.config
+        stages, ch, size = nn.ModuleList(), c["base_channels"], c["image_size"]
+        skip_channels = [ch]
+        for level, mult in enumerate(c["channel_mults"]):
+            for _ in range(c["num_res_blocks"]):
+                stages.append(self._stage(ch, c["base_channels"] * mult, size))
+                ch = c["base_channels"] * mult
+                skip_channels.append(ch)
+            if level < len(c["channel_mults"]) - 1:
+                stages.append(EmbedSequential(Downsample(ch, ch, c["downsample"])))
+                skip_channels.append(ch)
+                size //= 2
+        return stages, skip_channels
+
+    def _up_path(self, skip_channels: list[int]) -> nn.ModuleList:
+        c = self.config
+        skips, stages, ch = list(skip_channels), nn.ModuleList(), skip_channels[-1]
+        size = c["image_size"] // 2 ** (len(c["channel_mults"]) - 1)
+        for level, mult in reversed(list(enumerate(c["channel_mults"]))):
+            for i in range(c["num_res_blocks"] + 1):
+                stage = self._stage(ch + skips.pop(), c["base_channels"] * mult, size)
+                ch = c["base_channels"] * mult
+                if level > 0 and i == c["num_res_blocks"]:
+                    stage.append(Upsample(ch, ch, c["upsample"]))
+                    size *= 2
+                stages.append(stage)
+        return stages
+
+    def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
+        """What every ResBlock sees: time embedding (+ class embedding; y None = null class)."""
+        emb = self.time_embed(t)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(y, len(t))
+        return emb
+
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None
+    ) -> Tensor:
+        """x [B, C, H, W] at step t [B] (1..T, not normalised); y [B] class ids, num_classes = null.
+
+        y is ignored by an unconditional network and x_self_cond by one without self_condition.
+        """
+        size = self.config["image_size"]
+        require(
+            tuple(x.shape[-2:]) == (size, size),
+            f"the UNet was built for {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}.",
+        )
+        if self.config["self_condition"]:
+            x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond], dim=1)
+        emb = self.embed(t, y)
+        h0 = self.init_conv(x)
+        h, skips = h0, [h0]
+        for stage in self.down:
+            h = stage(h, emb)
+            skips.append(h)
+        h = self.mid(h, emb)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+        if self.final_res_block is not None:
+            h = self.final_res_block(torch.cat([h, h0], dim=1), emb)
+        return self.out(h)

@@ -1,0 +1,231 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.models.layers import (
+    Attention2d,
+    ClassEmbedding,
+    Downsample,
+    LearnedSinusoidalEmbedding,
+    ResBlock,
+    SinusoidalEmbedding,
+    TimestepEmbedder,
+    Upsample,
+    group_count,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def perturb(module: nn.Module) -> nn.Module:
+    """Move every parameter off its (possibly zero) initial value."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return module
+
+
+def manual_group_norm(x, num_groups, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) over each group of channels and all positions, then affine."""
+    b, c, h, w = x.shape
+    g = x.reshape(b, num_groups, c // num_groups, h, w)
+    mean = g.mean(dim=(2, 3, 4), keepdim=True)
+    var = g.var(dim=(2, 3, 4), unbiased=False, keepdim=True)
+    g = ((g - mean) / torch.sqrt(var + eps)).reshape(b, c, h, w)
+    return g * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+@pytest.mark.parametrize(
+    "channels, groups, expected", [(64, 32, 32), (8, 32, 8), (48, 32, 24), (7, 4, 1), (1, 32, 1)]
+)
+def test_group_count_is_the_largest_divisor_up_to_groups(channels, groups, expected):
+    assert group_count(channels, groups) == expected
+
+
+def test_sinusoidal_embedding_matches_the_transformer_formula():
+    dim, half = 8, 4
+    t = torch.tensor([1, 7, 500, 1000])
+    emb = SinusoidalEmbedding(dim)(t)
+    expected = torch.tensor(
+        [
+            [math.sin(s * 10000 ** (-i / half)) for i in range(half)]
+            + [math.cos(s * 10000 ** (-i / half)) for i in range(half)]
+            for s in t.tolist()
+        ]
+    )
+    assert emb.shape == (4, dim)
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(SinusoidalEmbedding(dim)(t.float()), emb)
+
+
+def test_sinusoidal_embedding_gives_distinct_rows_for_distinct_steps():
+    emb = SinusoidalEmbedding(32)(torch.arange(1, 1001))
+    distances = torch.cdist(emb, emb) + torch.eye(1000) * 1e9
+    assert distances.min() > 1e-3
+
+
+def test_sinusoidal_embedding_rejects_an_odd_dim():
+    with pytest.raises(DdpmkitError):
+        SinusoidalEmbedding(7)
+
+
+@pytest.mark.parametrize("random", [False, True])
+def test_learned_sinusoidal_embedding_is_t_then_fourier_features(random):
+    layer = LearnedSinusoidalEmbedding(6, random=random)
+    t = torch.tensor([3.0, 40.0])
+    emb = layer(t)
+    angles = 2 * math.pi * t[:, None] * layer.weights[None]
+    assert emb.shape == (2, 7) and layer.out_dim == 7
+    torch.testing.assert_close(emb, torch.cat([t[:, None], angles.sin(), angles.cos()], dim=1))
+    assert len(list(layer.parameters())) == (0 if random else 1)
+    assert "weights" in layer.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal", "learned", "random_fourier"])
+def test_timestep_embedder_maps_steps_to_emb_dim(kind):
+    emb = TimestepEmbedder(8, 32, kind)(torch.tensor([1, 2, 3]))
+    assert emb.shape == (3, 32)
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def test_timestep_embedder_rejects_an_unknown_kind():
+    with pytest.raises(DdpmkitError, match="time embedding"):
+        TimestepEmbedder(8, 32, "fourier")
+
+
+def test_class_embedding_null_row_is_used_when_y_is_none():
+    layer = ClassEmbedding(num_classes=10, dim=4)
+    assert layer.table.weight.shape == (11, 4)
+    null = layer(None, batch_size=3)
+    torch.testing.assert_close(null, layer.table.weight[10].expand(3, 4))
+    torch.testing.assert_close(layer(torch.tensor([10, 10, 10]), 3), null)
+    torch.testing.assert_close(layer(torch.tensor([2]), 1)[0], layer.table.weight[2])
+
+
+def test_groupnorm_in_blocks_matches_the_formula():
+    block = perturb(ResBlock(8, 8, emb_dim=4, groups=4))
+    gn = block.in_layers[0]
+    x = torch.randn(2, 8, 5, 5)
+    expected = manual_group_norm(x, 4, gn.weight, gn.bias, gn.eps)
+    torch.testing.assert_close(gn(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        F.group_norm(x, 4, gn.weight, gn.bias, gn.eps), expected, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_resblock_matches_its_equations():
+    block = perturb(ResBlock(4, 6, emb_dim=5, groups=2)).eval()
+    x, emb = torch.randn(2, 4, 6, 6), torch.randn(2, 5)
+    gn1, conv1 = block.in_layers[0], block.in_layers[2]
+    gn2, conv2 = block.out_layers[0], block.out_layers[3]
+    lin, skip = block.emb_proj[1], block.skip
+    h = F.conv2d(
+        F.silu(manual_group_norm(x, 2, gn1.weight, gn1.bias, 1e-5)),
+        conv1.weight,
+        conv1.bias,
+        padding=1,
+    )
+    h = h + F.linear(F.silu(emb), lin.weight, lin.bias)[:, :, None, None]
+    out = F.conv2d(
+        F.silu(manual_group_norm(h, 2, gn2.weight, gn2.bias, 1e-5)),
+        conv2.weight,
+        conv2.bias,
+        padding=1,
+    )
+    expected = F.conv2d(x, skip.weight, skip.bias) + out
+    torch.testing.assert_close(block(x, emb), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_resblock_starts_as_its_skip_path():
+    x, emb = torch.randn(2, 4, 6, 6), torch.randn(2, 5)
+    same = ResBlock(4, 4, emb_dim=5, groups=2)
+    torch.testing.assert_close(same(x, emb), x)
+    wider = ResBlock(4, 6, emb_dim=5, groups=2)
+    torch.testing.assert_close(wider(x, emb), wider.skip(x))
+
+
+def test_full_attention_matches_torch_multihead_attention():
+    attn = perturb(Attention2d(8, num_heads=2, kind="full", groups=2))
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(attn.qkv.weight[:, :, 0, 0])
+        mha.in_proj_bias.copy_(attn.qkv.bias)
+        mha.out_proj.weight.copy_(attn.proj_out.weight[:, :, 0, 0])
+        mha.out_proj.bias.copy_(attn.proj_out.bias)
+    x = torch.randn(3, 8, 4, 5)
+    seq = attn.norm(x).flatten(2).transpose(1, 2)  # [B, N, C]
+    out, _ = mha(seq, seq, seq, need_weights=False)
+    expected = x + out.transpose(1, 2).reshape(3, 8, 4, 5)
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_full_attention_matches_the_softmax_formula():
+    attn = perturb(Attention2d(6, num_heads=3, kind="full", groups=3))
+    x = torch.randn(2, 6, 3, 3)
+    q, k, v = attn.qkv(attn.norm(x)).reshape(2, 3, 3, 2, 9).unbind(1)  # [B, heads, d, N]
+    weights = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(2), dim=-1)
+    out = torch.einsum("bhij,bhdj->bhdi", weights, v).reshape(2, 6, 3, 3)
+    torch.testing.assert_close(attn(x), x + attn.proj_out(out), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_attention_matches_the_formula():
+    attn = perturb(Attention2d(8, num_heads=2, kind="linear", groups=2))
+    x = torch.randn(2, 8, 4, 4)
+    q, k, v = attn.qkv(attn.norm(x)).reshape(2, 3, 2, 4, 16).unbind(1)  # [B, heads, d, N]
+    out = torch.empty_like(q)
+    for b in range(2):
+        for h in range(2):
+            q_soft = torch.softmax(q[b, h], dim=0) / math.sqrt(4)  # over the d features
+            k_soft = torch.softmax(k[b, h], dim=1)  # over the N positions
+            context = k_soft @ (v[b, h] / 16).T  # [d, e]
+            out[b, h] = context.T @ q_soft
+    expected = x + attn.proj_out(out.reshape(2, 8, 4, 4))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "linear"])
+def test_attention_starts_as_identity_and_accepts_channels_last(kind):
+    x = torch.randn(2, 8, 4, 4)
+    attn = Attention2d(8, num_heads=2, kind=kind)
+    torch.testing.assert_close(attn(x), x)
+    perturb(attn)
+    cl = attn(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rejects_bad_heads_and_kinds():
+    with pytest.raises(DdpmkitError, match="heads"):
+        Attention2d(6, num_heads=4)
+    with pytest.raises(DdpmkitError, match="attention type"):
+        Attention2d(8, kind="sparse")
+
+
+@pytest.mark.parametrize("kind", ["conv", "space_to_depth"])
+def test_downsample_halves_the_size(kind):
+    assert Downsample(4, 6, kind)(torch.randn(2, 4, 8, 8)).shape == (2, 6, 4, 4)
+
+
+def test_space_to_depth_is_pixel_unshuffle_then_1x1_conv():
+    down = Downsample(3, 5, "space_to_depth")
+    x = torch.randn(1, 3, 4, 4)
+    conv = down[1]
+    torch.testing.assert_close(down(x), F.conv2d(F.pixel_unshuffle(x, 2), conv.weight, conv.bias))
+
+
+@pytest.mark.parametrize("kind", ["transposed", "nearest"])
+def test_upsample_doubles_the_size(kind):
+    assert Upsample(4, 6, kind)(torch.randn(2, 4, 7, 7)).shape == (2, 6, 14, 14)
+
+
+def test_resampling_rejects_unknown_kinds():
+    with pytest.raises(DdpmkitError, match="downsample"):
+        Downsample(4, 4, "pool")
+    with pytest.raises(DdpmkitError, match="upsample"):
+        Upsample(4, 4, "bilinear")

@@ -1,0 +1,108 @@
+import copy
+
+import pytest
+import torch
+
+from ddpmkit import checkpoint
+from ddpmkit.cli import main
+from ddpmkit.config import RunConfig, apply_overrides
+from ddpmkit.data import DatasetInfo, ImageData, to_model_range
+from ddpmkit.train import Trainer, batch_indices, batch_noise, ema_update, lr_at, training_loss
+from conftest import FAST, TINY_MODEL
+
+
+def tiny_config(**train):
+    overrides = {"model": {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1,
+                           "attn_resolutions": (), "num_heads": 2},
+                 "diffusion": {"timesteps": 100},
+                 "train": {"batch_size": 16, "lr": 3e-3, "warmup": 10, "log_every": 10, "sample_every": 10**6,
+                           "checkpoint_every": 10**6, "ema_decay": 0.9, **train},
+                 "sample": {"steps": 2}}
+    config = apply_overrides(RunConfig(), overrides)
+    config.in_channels, config.image_size, config.num_classes = 1, 8, 4
+    config.class_names = ("a", "b", "c", "d")
+    return config
+
+
+def tiny_data(n=16):
+    """n distinct 8x8 images: a bright 3x3 square at n different places."""
+    images = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i % 16, 4)
+        images[i, 0, r + r // 2: r + r // 2 + 3, c + c // 2: c + c // 2 + 3] = 255
+    return ImageData(images, torch.arange(n) % 4, DatasetInfo("tiny", 1, 8, 4, ("a", "b", "c", "d")))
+
+
+def _fixed_loss(trainer, data):
+    """The loss of the raw model on every image at 8 fixed (t, eps) draws each."""
+    x0 = to_model_range(data.images).repeat(8, 1, 1, 1)
+    y = data.labels.repeat(8)
+    t, eps, u = batch_noise(123, 0, x0.shape, trainer.schedule.T, "cpu")
+    with torch.no_grad():
+        return float(training_loss(trainer.model, trainer.schedule, trainer.config, x0, y, t, eps, u + 1).mean())
+
+
+def test_overfits_sixteen_images(tmp_path):
+    config, data = tiny_config(lr=5e-3), tiny_data()
+    checkpoint.create_run(tmp_path / "run", config)
+    trainer = Trainer(config, tmp_path / "run", data, "cpu")
+    before = _fixed_loss(trainer, data)
+    trainer.fit(300, progress=False)
+    after = _fixed_loss(trainer, data)
+    assert after < before / 5, (before, after)
+
+
+def test_ema_update_is_the_formula():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = copy.deepcopy(a)
+    ema_update(a, b, 0.9)
+    for pa, p0, pb in zip(a.parameters(), before.parameters(), b.parameters()):
+        assert torch.allclose(pa, 0.9 * p0 + 0.1 * pb)
+
+
+def test_lr_warmup():
+    assert lr_at(0, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10) == 1.0 and lr_at(500, 1.0, 10) == 1.0 and lr_at(0, 1.0, 0) == 1.0
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = batch_indices(0, 5, 100, 10)
+    assert torch.equal(a, batch_indices(0, 5, 100, 10))
+    epoch = torch.cat([batch_indices(0, k, 100, 10) for k in range(10)])
+    assert sorted(epoch.tolist()) == list(range(100))  # one epoch visits every example once
+    t1, e1, _ = batch_noise(0, 3, (4, 1, 2, 2), 50, "cpu")
+    t2, e2, _ = batch_noise(0, 3, (4, 1, 2, 2), 50, "cpu")
+    assert torch.equal(t1, t2) and torch.equal(e1, e2)
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+
+
+def test_resume_is_bit_identical(tiny_mnist, tmp_path):
+    common = ["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST]
+    assert main([*common, "--out", str(tmp_path / "straight"), "--steps", "20"]) == 0
+    assert main([*common, "--out", str(tmp_path / "split"), "--steps", "10"]) == 0
+    assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--steps", "20", "--no-progress"]) == 0
+    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "split")):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    state, _ = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path / "split"))
+    assert state["step"] == 20
+
+
+def test_run_directory_contents(tiny_mnist, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST,
+                 "--out", str(run), "--steps", "6", "--sample-every", "3", "--keep", "1",
+                 "--checkpoint-every", "2"]) == 0
+    config = checkpoint.load_config(run)
+    assert config.model.base_channels == 8 and config.num_classes == 10 and config.train.steps == 6
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["ckpt-00000006"]  # --keep 1
+    assert {"ema.safetensors", "model.safetensors", "train_state.pt", "state.json"} <= {
+        p.name for p in checkpoint.latest_checkpoint(run).iterdir()}
+    assert (run / "metrics.jsonl").read_text().count("\n") >= 1 and (run / "loss.png").is_file()
+    assert (run / "samples" / "step-00000003.png").is_file() and (run / "samples" / "step-00000006.png").is_file()
+    assert not list(run.glob(".tmp*")) and not list(run.glob(".*.tmp"))
