@@ -20,7 +20,7 @@ class ModelConfig:
     # unet
     base_channels: int = 32
     channel_mults: tuple = (1, 2, 2)
-    num_res_blocks: int = 2
+    num_res_blocks: int = 1
     attn_resolutions: tuple = (7,)
     dropout: float = 0.0
     num_heads: int = 4
@@ -75,7 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
-    precision: str = "fp32"  # fp32, bf16, fp16
+    precision: str = "auto"  # auto (bf16 where the hardware has it), fp32, bf16, fp16
     log_every: int = 50
     sample_every: int = 1000
     checkpoint_every: int = 1000
@@ -194,7 +194,8 @@ def validate(config: RunConfig) -> None:
         (t.lr > 0, f"--lr must be > 0, got {t.lr}"),
         (t.warmup >= 0, f"--warmup must be >= 0, got {t.warmup}"),
         (0.0 <= t.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {t.ema_decay}"),
-        (t.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {t.precision!r}"),
+        (t.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"--precision must be auto, fp32, bf16 or fp16, got {t.precision!r}"),
         (t.on_nan in ("stop", "skip"), f"--on-nan must be stop or skip, got {t.on_nan!r}"),
         (t.keep >= 1, f"--keep must be >= 1, got {t.keep}"),
         (min(t.log_every, t.sample_every, t.checkpoint_every) >= 1, "--log-every, --sample-every and "

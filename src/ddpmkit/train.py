@@ -241,7 +241,17 @@ def _optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     raise DdpmkitError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or adam")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 where the hardware computes it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def _autocast(device: torch.device, precision: str):
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
