@@ -8,6 +8,8 @@
         train_state.pt                optimizer state and RNG states (tensors only; weights_only load)
         state.json                    step, epoch position, format version
     RUN/samples/step-00001000.png     sample grids; RUN/loss.png the loss curve
+    RUN/.tmp-ckpt-*/                  a checkpoint being written or deleted; never read, and
+                                      removed by tidy() when a killed run is resumed
 
 Weights are only ever read through safetensors and configs as JSON; the optimizer state goes
 through `torch.load(weights_only=True)`, which refuses pickled code.
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +34,7 @@ from .fileio import atomic_write_text
 
 FORMAT_VERSION = 1
 CKPT_PREFIX = "ckpt-"
+TEMP_PREFIX = ".tmp-ckpt-"  # checkpoints being written or deleted; never read, removed by tidy()
 _UMASK = os.umask(0)  # read once, so that checkpoint directories get the usual permissions
 os.umask(_UMASK)
 
@@ -47,9 +51,10 @@ def create_run(run_dir: Path, config: RunConfig) -> Path:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DdpmkitError(f"{run_dir} exists and is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    # a create_run killed mid-write leaves only a temp file of config.json: still an empty directory
+    if run_dir.exists() and any(not p.name.startswith(".config.json.") for p in run_dir.iterdir()):
         what = "a run" if is_run(run_dir) else "files"
-        raise DdpmkitError(f"{run_dir} already holds {what}; use --resume {run_dir} to continue it, "
+        raise DdpmkitError(f"{run_dir} already holds {what}; add --resume to continue it, "
                            "or choose a new --out directory")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,13 +71,14 @@ def load_config(run_dir: Path) -> RunConfig:
                            "train one with `ddpmkit train --out DIR`")
     try:
         return RunConfig.from_json((run_dir / "config.json").read_text())
-    except (ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise DdpmkitError(f"{run_dir / 'config.json'} is not a valid ddpmkit config: {e}") from e
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (incomplete ones never get their final name)."""
-    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*") if (p / "state.json").is_file()]
+    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*")
+             if p.name[len(CKPT_PREFIX):].isdigit() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
@@ -92,26 +98,75 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch
     final = run_dir / f"{CKPT_PREFIX}{step:08d}"
     for name, module in (("model", model), ("ema", ema)):
         _check_finite(module, name, step)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=run_dir))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=run_dir))
         save_file(_state_dict(model), str(tmp / "model.safetensors"))
         save_file(_state_dict(ema), str(tmp / "ema.safetensors"))
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "format": FORMAT_VERSION}))
         _fsync_dir_files(tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _rename_into_place(tmp, final)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise DdpmkitError(f"could not save a checkpoint in {run_dir}: {e.strerror or e}; "
                                "the previous checkpoint is intact") from e
         raise
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_dir(old)
     return final
+
+
+def tidy(run_dir: Path, keep: int) -> int:
+    """Clear what a killed process left behind: temp checkpoint directories, temp files of atomic
+    writes, and checkpoints beyond `keep` (a kill can land between a save and its pruning).
+    Returns how many entries it removed."""
+    run_dir = Path(run_dir)
+    leftovers = [*run_dir.glob(TEMP_PREFIX + "*"), *run_dir.glob(".*.tmp"), *run_dir.glob("samples/.*.tmp")]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    extra = checkpoints(run_dir)[:-keep] if keep > 0 else []
+    for old in extra:
+        _remove_dir(old)
+    return len(leftovers) + len(extra)
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    """rename(tmp, final); a checkpoint already at `final` (the same step saved again) is moved
+    aside first and deleted only once the new one is in place."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=final.parent)) / final.name
+    try:
+        os.rename(final, aside)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(aside, final)
+            raise
+    finally:
+        shutil.rmtree(aside.parent, ignore_errors=True)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename to a temp name (atomic), then delete: a kill never leaves part of a checkpoint under
+    its final name. Failing to delete an old checkpoint loses nothing, so errors are ignored."""
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
+    except OSError:
+        return
+    try:
+        os.rename(path, trash / path.name)
+    except OSError:
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _state_dict(module: torch.nn.Module) -> dict:
@@ -135,29 +190,44 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt headers
-        raise DdpmkitError(f"cannot read weights {path}: {e}") from e
+        raise DdpmkitError(f"cannot read weights {path}: {_first_line(e)}") from e
     expected = module.state_dict()
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing, extra = [k for k in expected if k not in tensors], sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if missing or extra or wrong:
         detail = "; ".join(filter(None, [
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"unexpected {', '.join(extra[:3])}" if extra else "",
             f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, model wants "
-            f"{tuple(expected[wrong[0]].shape)}" if wrong else ""]))
+            f"{tuple(expected[wrong[0]].shape)}" if wrong else "",
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(extra[:3])}" if extra else ""]))
         raise DdpmkitError(f"weights {path} do not fit this architecture: {detail}")
     module.load_state_dict(tensors)
 
 
 def load_state(ckpt: Path) -> tuple[dict, dict]:
     """(state.json, train_state) of a checkpoint; the latter through the weights-only unpickler."""
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("format") != FORMAT_VERSION:
-        raise DdpmkitError(f"{ckpt} has checkpoint format {state.get('format')}, this ddpmkit reads "
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DdpmkitError(f"cannot read {ckpt / 'state.json'}: {_first_line(e)}") from e
+    version = state.get("format") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads "
                            f"format {FORMAT_VERSION}")
     try:
-        train_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # an odd pickle protocol warns on stderr before it is refused
+            warnings.simplefilter("ignore")
+            train_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
         raise DdpmkitError(f"refusing to load {ckpt / 'train_state.pt'}: it is not a plain tensor "
-                           f"file ({type(e).__name__})") from e
+                           f"file ({type(e).__name__}: {_first_line(e, 'GLOBAL')})") from e
+    if not isinstance(train_state, dict):
+        raise DdpmkitError(f"refusing to load {ckpt / 'train_state.pt'}: it holds a "
+                           f"{type(train_state).__name__}, not a dictionary of training state")
     return state, train_state
+
+
+def _first_line(error: Exception, prefer: str = "") -> str:
+    """One line of an exception's message (the first containing `prefer`, if any)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return next((line for line in lines if prefer and prefer in line), lines[0])[:300]

@@ -1,6 +1,8 @@
 """The `ddpmkit` command: a thin layer from flags to RunConfig to the library.
 
-Every problem with the user's input ends in one line on stderr and exit status 2.
+Every problem with the user's input (or a full or read-only disk) ends in one line on stderr and
+exit status 2. `train` stopped by SIGINT or SIGTERM finishes the step in flight, saves a checkpoint
+and exits 128 + the signal (130 or 143), as shells report signals; continue it with --resume.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ TRAIN_FLAGS = [
     ("--attn-resolutions", "model.attn_resolutions", _ints, "feature-map sizes with self-attention, e.g. 7"),
     ("--dropout", "model.dropout", float, "dropout in residual blocks (0)"),
     ("--num-heads", "model.num_heads", int, "attention heads (4)"),
+    ("--attn-type", "model.attn_type", str, "attention at the levels: full or linear (mid block stays full)"),
+    ("--time-embedding", "model.time_embedding", str, "sinusoidal, learned or random_fourier step embedding"),
+    ("--downsample", "model.downsample", str, "conv (4x4 stride 2) or space_to_depth"),
+    ("--upsample", "model.upsample", str, "transposed (4x4 stride 2) or nearest (+3x3 conv)"),
+    ("--init-conv-kernel", "model.init_conv_kernel", int, "kernel of the first convolution (3; seed 003 uses 7)"),
+    ("--mult", "model.mult", int, "ConvNeXt expansion factor m (3)"),
     ("--timesteps", "diffusion.timesteps", int, "number of diffusion steps T (1000)"),
     ("--schedule", "diffusion.schedule", str, "noise schedule: linear or cosine (cosine)"),
     ("--objective", "diffusion.objective", str, "what the network predicts: eps, x0 or v (eps)"),
@@ -40,8 +48,10 @@ TRAIN_FLAGS = [
     ("--steps", "train.steps", int, "train until this total number of optimizer steps"),
     ("--epochs", "train.epochs", float, "train until this many epochs in total"),
     ("--minutes", "train.minutes", float, "train for this many minutes of wall clock (this invocation)"),
-    ("--batch-size", "train.batch_size", int, "images per step and process (128)"),
+    ("--batch-size", "train.batch_size", int, "images per micro-batch and process (64); the effective batch "
+     "of one optimizer step is batch-size x processes x grad-accum"),
     ("--grad-accum", "train.grad_accum", int, "micro-batches accumulated per optimizer step (1)"),
+    ("--workers", "data.workers", int, "DataLoader processes decoding images when streaming (min(4, CPUs))"),
     ("--optimizer", "train.optimizer", str, "adamw or adam (adamw)"),
     ("--lr", "train.lr", float, "peak learning rate (1e-3)"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay (0)"),
@@ -59,8 +69,21 @@ TRAIN_FLAGS = [
     ("--sample-steps", "sample.steps", int, "default number of sampling steps (50)"),
     ("--eta", "sample.eta", float, "default DDIM eta (0)"),
 ]
+# boolean switches: flag -> (section.field, value when given, help)
+BOOL_FLAGS = {
+    "--unconditional": ("data.conditional", False, "train without class labels"),
+    "--self-condition": ("model.self_condition", True, "self-conditioning on the previous x0 estimate"),
+    "--final-res-block": ("model.final_res_block", True, "seed 003: a last residual block on [x, first features]"),
+    "--learn-sigma": ("diffusion.learn_sigma", True, "learn the reverse variances (L_simple + 0.001 L_vlb)"),
+    "--stream": ("data.stream", True, "folder datasets: decode images in --workers processes instead of "
+                 "loading them all into memory (automatic when they would not fit)"),
+    "--grad-checkpointing": ("train.grad_checkpointing", True, "recompute U-Net activations in the backward "
+                             "pass: less memory, about a third more compute"),
+}
+# resuming may change these: the budget, logging, and how the same global batch is computed
 RESUMABLE = {"train.steps", "train.epochs", "train.minutes", "train.log_every", "train.sample_every",
-             "train.checkpoint_every", "train.keep", "train.on_nan"}
+             "train.checkpoint_every", "train.keep", "train.on_nan", "train.batch_size", "train.grad_accum",
+             "train.grad_checkpointing", "data.stream", "data.workers"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,21 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _sample_parser(sub)
+    _animate_parser(sub)
+    _forward_parser(sub)
+    _eval_parser(sub)
     return parser
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a diffusion model into a run directory",
-                       description="Train a diffusion model. Give a budget with --steps, --epochs or --minutes.")
+                       description="Train a diffusion model. Give a budget with --steps, --epochs or --minutes. "
+                       "Several processes: --nproc N on one machine, or torchrun --nproc_per_node N -m ddpmkit "
+                       "train ...; each step then trains on batch-size x N x grad-accum images. "
+                       "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits 130 or 143.")
     p.add_argument("--out", required=True, help="the run directory (must be new unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to the new budget")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
-    p.add_argument("--unconditional", action="store_true", default=argparse.SUPPRESS,
-                   help="train without class labels")
+    for flag, (_, _, text) in BOOL_FLAGS.items():
+        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
     for flag, dest, kind, text in TRAIN_FLAGS:
         p.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, help="train in N processes on this machine (data parallel; runs "
+                   "`python -m torch.distributed.run --standalone --nproc_per_node N -m ddpmkit train ...`)")
 
 
 def _sample_parser(sub) -> None:
@@ -96,17 +127,51 @@ def _sample_parser(sub) -> None:
     p.add_argument("run_dir", help="a run directory made by `ddpmkit train`")
     p.add_argument("--n", type=int, default=64, help="number of samples (64)")
     p.add_argument("--class", dest="class_id", type=int, help="draw only this class id")
+    _sampler_flags(p)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument("--out", default="samples.png", help="the grid PNG to write (samples.png)")
+    p.add_argument("--npz", help="also write images (uint8) and labels (int, -1 = none) to this .npz")
+    p.add_argument("--which", choices=("ema", "model"), default="ema", help="EMA or raw weights (ema)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+
+
+def _sampler_flags(p) -> None:
     p.add_argument("--sampler", help="ddpm, ddim or dpm++ (the run's default)")
     p.add_argument("--steps", type=int, help="sampling steps (the run's default)")
     p.add_argument("--eta", type=float, help="DDIM eta in [0, 1]")
     p.add_argument("--spacing", help="uniform, quadratic or trailing")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight W (1 = plain conditional)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--out", default="samples.png", help="the grid PNG to write (samples.png)")
-    p.add_argument("--npz", help="also write images (uint8) and labels (int, -1 = none) to this .npz")
+
+
+def _animate_parser(sub) -> None:
+    p = sub.add_parser("animate", help="an animated GIF of the reverse process of a trained run")
+    p.add_argument("run_dir", help="a run directory made by `ddpmkit train`")
+    p.add_argument("--out", default="denoise.gif", help="the GIF to write (denoise.gif)")
+    p.add_argument("--n", type=int, default=16, help="number of samples in the grid (16)")
+    p.add_argument("--class", dest="class_id", type=int, help="draw only this class id")
+    p.add_argument("--frames", choices=("x_t", "x0_hat", "both"), default="both",
+                   help="show the iterate x_t, the denoiser's estimate x0_hat, or both side by side (both)")
+    p.add_argument("--every", type=int, default=1, help="keep every K-th step; the first and last always (1)")
+    p.add_argument("--fps", type=float, default=10.0, help="frames per second (10); the last frame is held 2 s")
+    _sampler_flags(p)
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="EMA or raw weights (ema)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+
+
+def _forward_parser(sub) -> None:
+    p = sub.add_parser("forward", help="a figure of dataset images noised by q(x_t | x0) at increasing t")
+    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10 or folder")
+    p.add_argument("--data-dir", help="where the dataset files are (else the usual places, else download)")
+    p.add_argument("--out", default="noising.png", help="the PNG to write (noising.png)")
+    p.add_argument("--n", type=int, default=6, help="images, one row each, taking the classes in turn (6)")
+    which_t = p.add_mutually_exclusive_group()
+    which_t.add_argument("--steps", type=_ints, help="the steps t to show, e.g. 0,50,100,250,500,750,1000 "
+                         "(default 0, .05T, .1T, .25T, .5T, .75T, T)")
+    which_t.add_argument("--num", type=int, help="show this many steps evenly spaced over 0..T")
+    p.add_argument("--schedule", default="cosine", help="noise schedule: linear or cosine (cosine)")
+    p.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T (1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the noise (0)")
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -130,16 +195,20 @@ def _given(args) -> dict:
         if hasattr(args, dest):
             section, name = dest.split(".")
             out.setdefault(section, {})[name] = getattr(args, dest)
-    if getattr(args, "unconditional", False):
-        out.setdefault("data", {})["conditional"] = False
+    for flag, (dest, value, _) in BOOL_FLAGS.items():
+        if getattr(args, flag[2:].replace("-", "_"), False):
+            section, name = dest.split(".")
+            out.setdefault(section, {})[name] = value
     return out
 
 
 def cmd_train(args) -> int:
     from . import distributed
-    from .data import load_dataset
+    from .loader import training_data
     from .train import Trainer
 
+    if args.nproc is not None:  # run this same command in N processes under torchrun
+        return distributed.relaunch(args.nproc, distributed.without_option(args.argv, "--nproc"))
     given, run_dir = _given(args), Path(args.out)
     if args.resume:
         config = _resume_config(run_dir, given, args.preset)
@@ -147,24 +216,22 @@ def cmd_train(args) -> int:
         config = apply_overrides(RunConfig(preset=args.preset), PRESETS.get(args.preset, {}))
         config = apply_overrides(config, given)
     validate(config)
-    data = load_dataset(config.data.dataset, "train", data_dir=config.data.data_dir,
-                        image_size=config.data.image_size)
-    info = data.info
-    config.in_channels, config.image_size = int(data.images.shape[1]), int(data.images.shape[2])
-    config.num_classes, config.class_names = info.num_classes, tuple(info.class_names)
-    if config.data.conditional and (info.num_classes == 0 or bool((data.labels < 0).any())):
-        raise DdpmkitError(f"dataset {info.name} has no class labels; train it with --unconditional")
-    dist = distributed.setup()
+    requested = _device(args.device)
+    dist = distributed.setup(cuda=requested.startswith("cuda"))
     try:
-        device = distributed.device_for_rank(_device(args.device))
-        if not args.resume and dist.rank == 0:
-            checkpoint.create_run(run_dir, config)
-        distributed.barrier()
+        device = distributed.device_for_rank(requested)
+        data = distributed.rank_zero_first(lambda: training_data(config), device)  # one download, by rank 0
+        _describe_data(config, data)
+        # a missing budget or an architecture that cannot be built fails before --out is created
+        total = _total_steps(config, len(data), dist.world_size)
         trainer = Trainer(config, run_dir, data, device)
-        if args.resume:
+        if not args.resume:
+            distributed.on_rank_zero(lambda: checkpoint.create_run(run_dir, config), device)
+        else:
             trainer.resume()
-        total = _total_steps(config, len(data.images), dist.world_size)
         trainer.fit(total, config.train.minutes, progress=not args.no_progress)
+        if trainer.interrupted_by is not None:
+            return _interrupted(trainer.interrupted_by, trainer.step, run_dir, dist.rank)
         if dist.rank == 0:
             print(f"trained to step {trainer.step}; run directory {run_dir}")
     finally:
@@ -172,18 +239,42 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _interrupted(signum: int, step: int, run_dir: Path, rank: int) -> int:
+    """SIGINT/SIGTERM stopped training and its checkpoint is saved: exit 128 + signal, as shells do."""
+    import signal
+    if rank == 0:
+        print(f"ddpmkit train: stopped by {signal.Signals(signum).name} at step {step} and saved a checkpoint; "
+              f"continue with `ddpmkit train --out {run_dir} --resume`", file=sys.stderr)
+    return 128 + signum
+
+
+def _describe_data(config: RunConfig, data) -> None:
+    """Fill in the config's image shape and classes from the dataset; refuse labels it lacks."""
+    import torch
+
+    info = data.info
+    config.in_channels, config.image_size = info.channels, info.image_size
+    config.num_classes, config.class_names = info.num_classes, tuple(info.class_names)
+    if config.data.conditional and (info.num_classes == 0 or int(torch.as_tensor(data.labels).min()) < 0):
+        raise DdpmkitError(f"dataset {info.name} has no class labels; train it with --unconditional")
+
+
 def _resume_config(run_dir: Path, given: dict, preset) -> RunConfig:
     if preset:
         raise DdpmkitError("--preset cannot be combined with --resume (the run keeps its configuration)")
     config = checkpoint.load_config(run_dir)
-    changed = [f"{s}.{k}" for s, values in given.items() for k in values if f"{s}.{k}" not in RESUMABLE]
+    # the same command line again plus --resume is fine: only a flag whose value differs is refused
+    changed = [(f"{s}.{k}", getattr(getattr(config, s), k)) for s, values in given.items()
+               for k, v in values.items() if f"{s}.{k}" not in RESUMABLE and getattr(getattr(config, s), k) != v]
     if changed:
-        flag = next(f for f, dest, _, _ in TRAIN_FLAGS if dest == changed[0]) if changed[0] != "data.conditional" \
-            else "--unconditional"
-        raise DdpmkitError(f"{flag} cannot change when resuming; only the budget and logging flags can")
+        names = {dest: f for f, dest, _, _ in TRAIN_FLAGS} | {dest: f for f, (dest, _, _) in BOOL_FLAGS.items()}
+        (dest, old), = changed[:1]
+        raise DdpmkitError(f"{names[dest]} cannot change when resuming (this run has {old!r}); "
+                           "only the budget and logging flags can")
     budget = {k: None for k in ("steps", "epochs", "minutes")} if any(
         k in given.get("train", {}) for k in ("steps", "epochs", "minutes")) else {}
-    return apply_overrides(config, {"train": {**budget, **given.get("train", {})}})
+    resumable = {s: {k: v for k, v in values.items() if f"{s}.{k}" in RESUMABLE} for s, values in given.items()}
+    return apply_overrides(config, {**resumable, "train": {**budget, **resumable.get("train", {})}})
 
 
 def _total_steps(config: RunConfig, n_data: int, world_size: int):
@@ -192,7 +283,10 @@ def _total_steps(config: RunConfig, n_data: int, world_size: int):
         raise DdpmkitError("give a training budget: --steps N, --epochs N or --minutes N")
     if t.epochs is not None:
         global_batch = t.batch_size * t.grad_accum * world_size
-        steps = math.ceil(t.epochs * n_data / global_batch)
+        steps = t.epochs * n_data / global_batch
+        if not steps < 2**53:  # inf, or beyond what a float counts exactly
+            raise DdpmkitError(f"--epochs {t.epochs} is more optimizer steps than can be counted")
+        steps = math.ceil(steps)
         return min(steps, t.steps) if t.steps is not None else steps
     return t.steps
 
@@ -229,20 +323,135 @@ def cmd_sample(args) -> int:
 def sample_settings(defaults: SampleConfig, args) -> SampleConfig:
     """The run's sampling defaults, overridden by the flags given."""
     values = dict(defaults.__dict__)
-    for name in ("sampler", "steps", "eta", "spacing", "guidance"):
+    for name in ("sampler", "steps", "eta", "spacing", "guidance", "precision"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     return SampleConfig(**values)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample}
+def cmd_animate(args) -> int:
+    from .samplers import Trajectory
+    from .sampling import check_guidance, default_labels, generate, load_denoiser
+    from . import viz
+
+    for ok, message in ((args.n >= 1, f"--n must be >= 1, got {args.n}"),
+                        (args.every >= 1, f"--every must be >= 1, got {args.every}"),
+                        (args.fps > 0, f"--fps must be > 0, got {args.fps}")):
+        if not ok:
+            raise DdpmkitError(message)
+    device = _device(args.device)
+    config, denoiser = load_denoiser(Path(args.run_dir), device, args.which)
+    settings = sample_settings(config.sample, args)
+    check_guidance(config, settings.guidance)
+    labels = default_labels(config, args.n, args.class_id)
+    trajectory = Trajectory()  # one batch, so the callback sees every image at every step
+    x0 = generate(denoiser, args.n, (config.in_channels, config.image_size, config.image_size), labels=labels,
+                  settings=settings, seed=args.seed, batch_size=args.n, device=device, callback=trajectory)
+    pictures = viz.denoising_frames(trajectory, x0, args.frames, args.every, labels=labels,
+                                    class_names=config.class_names)
+    viz.save_gif(pictures, Path(args.out), fps=args.fps)
+    print(f"wrote {args.out} ({len(pictures)} frames)")
+    return 0
+
+
+def cmd_forward(args) -> int:
+    import torch
+    from . import viz
+    from .data import load_dataset, to_model_range
+    from .schedules import build_schedule
+
+    if args.n < 1:
+        raise DdpmkitError(f"--n must be >= 1, got {args.n}")
+    schedule = build_schedule(args.schedule, args.timesteps)
+    steps = list(args.steps) if args.steps is not None else viz.forward_steps(schedule.T, args.num)
+    viz.check_steps(steps, schedule.T)
+    data = load_dataset(args.dataset, "train", data_dir=args.data_dir)
+    index = viz.one_per_class(data.labels, args.n)
+    labels = data.labels[index] if bool((data.labels[index] >= 0).all()) else None
+    figure = viz.forward_figure(schedule, to_model_range(data.images[index]), steps, labels=labels,
+                                class_names=data.info.class_names,
+                                generator=torch.Generator().manual_seed(args.seed))
+    viz.save_png(figure, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a run's samples (domain FD, accuracy, precision/recall, FID/IS) "
+                                    "and its bits/dim; or score real images with --reference",
+                       description="Evaluate RUN_DIR, or with --reference DATASET score N real training images "
+                                   "(optionally blurred) against the test set, to show what the numbers mean.")
+    p.add_argument("run_dir", nargs="?", help="a run directory made by `ddpmkit train`")
+    p.add_argument("--reference", metavar="DATASET", help="score real TRAIN images of this dataset instead of a run")
+    p.add_argument("--data-dir", help="with --reference: where the dataset files are")
+    p.add_argument("--blur", type=float, default=0.0, help="with --reference: Gaussian blur sigma in pixels (0)")
+    p.add_argument("--n", type=int, default=1000, help="images to generate (or real images) to score (1000)")
+    _sampler_flags(p)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument("--nll-n", type=int, default=100, help="test images for bits/dim (100; 0 = skip)")
+    p.add_argument("--nll-stride", type=int, default=10,
+                   help="evaluate one KL term per block of K steps, stratified (10; 1 = every term)")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="InceptionV3 weights for FID/IS (else $DDPMKIT_INCEPTION_WEIGHTS, the cache, a download)")
+    p.add_argument("--inception", choices=("auto", "on", "off"), default="auto",
+                   help="Inception FID/IS: on, off, or auto = only on a GPU (seconds per image on a CPU)")
+    p.add_argument("--out", help="the JSON report (default RUN_DIR/eval-<time>-<sampler><steps>.json)")
+    p.add_argument("--which", choices=("ema", "model"), default="ema", help="EMA or raw weights (ema)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_eval(args) -> int:
+    import json
+    import os
+    import time
+    from . import evaluate
+
+    for ok, message in ((args.n >= 4, f"--n must be >= 4 (precision/recall use 3 neighbours), got {args.n}"),
+                        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+                        (args.nll_n >= 0, f"--nll-n must be >= 0, got {args.nll_n}"),
+                        (args.nll_stride >= 1, f"--nll-stride must be >= 1, got {args.nll_stride}"),
+                        (args.blur >= 0, f"--blur must be >= 0, got {args.blur}"),
+                        ((args.run_dir is None) != (args.reference is None), "give either RUN_DIR or --reference")):
+        if not ok:
+            raise DdpmkitError(message)
+    device, progress = _device(args.device), not args.no_progress
+    weights = args.inception_weights or os.environ.get("DDPMKIT_INCEPTION_WEIGHTS") or None
+    common = {"n": args.n, "seed": args.seed, "inception": args.inception, "inception_weights_path": weights,
+              "device": device, "progress": progress}
+    started = time.monotonic()
+    if args.reference:
+        report = evaluate.evaluate_reference(args.reference, data_dir=args.data_dir, blur=args.blur, **common)
+        out = Path(args.out) if args.out else None
+    else:
+        run_dir = Path(args.run_dir)
+        settings = sample_settings(checkpoint.load_config(run_dir).sample, args)
+        report = evaluate.evaluate_run(run_dir, settings=settings, batch_size=args.batch_size, nll_n=args.nll_n,
+                                       nll_stride=args.nll_stride, which=args.which, **common)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else run_dir / f"eval-{stamp}-{settings.sampler}{settings.steps}.json"
+    report.update(evaluate.provenance(args.argv, weights, time.monotonic() - started))
+    print(evaluate.metrics_table(report))
+    if out is not None:
+        atomic_write(out, (json.dumps(report, indent=2) + "\n").encode())
+        print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "forward": cmd_forward,
+            "eval": cmd_eval}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train --nproc N` runs itself again under torchrun
     try:
         return COMMANDS[args.command](args)
     except DdpmkitError as e:
+        print(f"ddpmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment (disk full, permissions) rather than a bug: one line too
         print(f"ddpmkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

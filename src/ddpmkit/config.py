@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -59,6 +60,8 @@ class DataConfig:
     image_size: Optional[int] = None  # None = the dataset's own size
     conditional: bool = True
     label_dropout: float = 0.1  # p(y -> null) in training, for classifier-free guidance
+    stream: bool = False  # folder datasets: decode in DataLoader workers instead of loading into memory
+    workers: Optional[int] = None  # DataLoader worker processes when streaming; None = min(4, CPUs)
 
 
 @dataclass
@@ -66,7 +69,7 @@ class TrainConfig:
     steps: Optional[int] = None  # the run's total number of optimizer steps
     epochs: Optional[float] = None
     minutes: Optional[float] = None  # wall-clock budget of this invocation
-    batch_size: int = 128
+    batch_size: int = 64
     grad_accum: int = 1
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -94,6 +97,7 @@ class SampleConfig:
     eta: float = 0.0
     spacing: str = "uniform"
     guidance: float = 1.0
+    precision: str = "auto"  # the network's precision while sampling (auto: bf16 where native)
 
 
 @dataclass
@@ -162,6 +166,42 @@ PRESETS: dict[str, dict] = {
                   "grad_clip": 0.0, "ema_decay": 0.0, "weight_decay": 0.0},
         "sample": {"sampler": "ddim", "steps": 35, "eta": 0.1},
     },
+    # Seed 003's U-Net layout (lucidrains' denoising-diffusion-pytorch) at 28x28, through the
+    # DDPM U-Net's options: 7x7 first conv, two residual blocks per level, linear attention as a
+    # pre-norm residual block at every level (full attention in the mid block), space-to-depth
+    # downsampling, nearest upsampling, and a final residual block on [x, first features].
+    "seed-003": {
+        "model": {"arch": "unet", "num_res_blocks": 2, "attn_resolutions": (28, 14, 7), "attn_type": "linear",
+                  "downsample": "space_to_depth", "upsample": "nearest", "init_conv_kernel": 7,
+                  "final_res_block": True},
+    },
+    # Ho et al. 2020's CIFAR-10 model: base 128, mults (1, 2, 2, 2), two residual blocks per level,
+    # single-head attention at 16x16, dropout 0.1, nearest+conv upsampling; T = 1000, linear betas;
+    # Adam 2e-4, batch 128, 5000 warm-up steps, clip 1, EMA 0.9999, 800k steps. Our stride-2
+    # downsampling convs are 4x4 (theirs 3x3), so 36.78M parameters instead of 35.75M.
+    "cifar10-ddpm": {
+        "model": {"arch": "unet", "base_channels": 128, "channel_mults": (1, 2, 2, 2), "num_res_blocks": 2,
+                  "attn_resolutions": (16,), "num_heads": 1, "dropout": 0.1, "upsample": "nearest"},
+        "diffusion": {"timesteps": 1000, "schedule": "linear", "objective": "eps"},
+        "data": {"dataset": "cifar10"},
+        "train": {"batch_size": 128, "optimizer": "adam", "lr": 2e-4, "warmup": 5000, "grad_clip": 1.0,
+                  "ema_decay": 0.9999, "steps": 800_000, "log_every": 100, "sample_every": 10_000,
+                  "checkpoint_every": 10_000},
+        "sample": {"sampler": "ddim", "steps": 100},
+    },
+    # Nichol & Dhariwal 2021's ImageNet-64 size: base 128, mults (1, 2, 3, 4), three residual blocks
+    # per level, 4-head attention at 32, 16 and 8, learned variances (L_hybrid), cosine, T = 4000;
+    # Adam 1e-4, EMA 0.9999. batch_size is per process (see docs/imagenet64.md).
+    "imagenet64": {
+        "model": {"arch": "unet", "base_channels": 128, "channel_mults": (1, 2, 3, 4), "num_res_blocks": 3,
+                  "attn_resolutions": (32, 16, 8), "num_heads": 4, "dropout": 0.0, "upsample": "nearest"},
+        "diffusion": {"timesteps": 4000, "schedule": "cosine", "objective": "eps", "learn_sigma": True},
+        "data": {"dataset": "folder", "image_size": 64},
+        "train": {"batch_size": 128, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0, "warmup": 1000,
+                  "grad_clip": 1.0, "ema_decay": 0.9999, "log_every": 100, "sample_every": 10_000,
+                  "checkpoint_every": 10_000},
+        "sample": {"sampler": "ddpm", "steps": 100},
+    },
 }
 
 
@@ -187,17 +227,20 @@ def validate(config: RunConfig) -> None:
         (d.min_snr_gamma is None or d.min_snr_gamma > 0, "--min-snr-gamma must be > 0"),
         (0.0 <= data.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {data.label_dropout}"),
         (t.steps is None or t.steps >= 1, f"--steps must be >= 1, got {t.steps}"),
-        (t.epochs is None or t.epochs > 0, f"--epochs must be > 0, got {t.epochs}"),
+        (t.epochs is None or 0 < t.epochs < math.inf, f"--epochs must be a finite number > 0, got {t.epochs}"),
         (t.minutes is None or t.minutes > 0, f"--minutes must be > 0, got {t.minutes}"),
         (t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"--grad-accum must be >= 1, got {t.grad_accum}"),
-        (t.lr > 0, f"--lr must be > 0, got {t.lr}"),
+        (0 < t.lr < math.inf, f"--lr must be a finite number > 0, got {t.lr}"),
+        (0 <= t.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {t.weight_decay}"),
+        (t.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {t.grad_clip}"),
         (t.warmup >= 0, f"--warmup must be >= 0, got {t.warmup}"),
         (0.0 <= t.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {t.ema_decay}"),
         (t.precision in ("auto", "fp32", "bf16", "fp16"),
          f"--precision must be auto, fp32, bf16 or fp16, got {t.precision!r}"),
         (t.on_nan in ("stop", "skip"), f"--on-nan must be stop or skip, got {t.on_nan!r}"),
         (t.keep >= 1, f"--keep must be >= 1, got {t.keep}"),
+        (data.workers is None or data.workers >= 0, f"--workers must be >= 0, got {data.workers}"),
         (min(t.log_every, t.sample_every, t.checkpoint_every) >= 1, "--log-every, --sample-every and "
          "--checkpoint-every must be >= 1"),
         (s.steps <= d.timesteps, f"--sample-steps {s.steps} exceeds the {d.timesteps} diffusion steps"),
@@ -206,3 +249,5 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DdpmkitError(message)
+    from .sampling import check_settings  # the grids' sampler, steps and spacing: refused now, not after training
+    check_settings(s, d.timesteps)

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import diffusion
 from .errors import DdpmkitError
+from .precision import autocast
 from .schedules import Schedule
 
 
@@ -32,13 +33,13 @@ class Denoiser(nn.Module):
 
     def __init__(self, net: nn.Module, schedule: Schedule, objective: str = "eps", *,
                  num_classes: int = 0, learn_sigma: bool = False, self_condition: bool = False,
-                 clip_x0: bool = True):
+                 clip_x0: bool = True, precision: str = "fp32"):
         super().__init__()
         if objective not in diffusion.OBJECTIVES:
             raise DdpmkitError(f"unknown objective {objective!r}; choose one of {', '.join(diffusion.OBJECTIVES)}")
         self.net, self.schedule, self.objective = net, schedule, objective
         self.num_classes, self.learn_sigma, self.clip_x0 = num_classes, learn_sigma, clip_x0
-        self.self_condition = self_condition
+        self.self_condition, self.precision = self_condition, precision
 
     @property
     def null_class(self) -> int:
@@ -76,7 +77,8 @@ class Denoiser(nn.Module):
             y = None
         if not self.self_condition:
             x_self_cond = None
-        return self.net(x_t, t, y, x_self_cond).float()
+        with autocast(x_t.device, self.precision):  # the net may run in bf16; the maths stays fp32
+            return self.net(x_t, t, y, x_self_cond).float()
 
     def _split(self, out: torch.Tensor):
         """With learned variances the second half of the channels is v in [-1, 1] -> frac in [0, 1]."""

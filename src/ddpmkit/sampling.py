@@ -13,15 +13,18 @@ from . import checkpoint, viz
 from .config import RunConfig, SampleConfig
 from .denoiser import Denoiser
 from .errors import DdpmkitError
+from .precision import PRECISIONS
 from .samplers import get_sampler
 from .schedules import Schedule, build_schedule, timesteps
 
 
-def denoiser_for(config: RunConfig, net: nn.Module, schedule: Optional[Schedule] = None) -> Denoiser:
+def denoiser_for(config: RunConfig, net: nn.Module, schedule: Optional[Schedule] = None,
+                 precision: Optional[str] = None) -> Denoiser:
     schedule = schedule or build_schedule(config.diffusion.schedule, config.diffusion.timesteps)
     return Denoiser(net, schedule, config.diffusion.objective,
                     num_classes=config.num_classes if config.data.conditional else 0,
-                    learn_sigma=config.diffusion.learn_sigma, self_condition=config.model.self_condition)
+                    learn_sigma=config.diffusion.learn_sigma, self_condition=config.model.self_condition,
+                    precision=precision or config.sample.precision)
 
 
 def load_denoiser(run_dir: Path, device="cpu", which: str = "ema") -> tuple[RunConfig, Denoiser]:
@@ -67,6 +70,7 @@ def generate(denoiser: Denoiser, n: int, shape: tuple, *, labels=None, settings:
              progress: bool = False) -> torch.Tensor:
     """n images in [-1, 1] of `shape` (C, H, W). x_T comes from `seed` alone, whatever the batching."""
     check_settings(settings, denoiser.schedule.T)
+    denoiser.precision = settings.precision
     sampler = get_sampler(settings.sampler)
     steps = timesteps(denoiser.schedule.T, settings.steps, settings.spacing)
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
@@ -87,6 +91,8 @@ def check_settings(s: SampleConfig, T: int) -> None:
     timesteps(T, s.steps, s.spacing)
     if not 0.0 <= s.eta <= 1.0:
         raise DdpmkitError(f"--eta must be in [0, 1], got {s.eta}")
+    if s.precision not in PRECISIONS:
+        raise DdpmkitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
     if not math.isfinite(s.guidance) or s.guidance < 0:
         raise DdpmkitError(f"--guidance must be a finite number >= 0, got {s.guidance}")
 

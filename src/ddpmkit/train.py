@@ -9,11 +9,11 @@ different number of processes, sees exactly the same examples, noise and steps.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -22,9 +22,11 @@ from torch import nn
 
 from . import checkpoint, diffusion, distributed, viz
 from .config import RunConfig, model_kwargs
-from .data import ImageData, to_model_range
+from .data import FolderDataset, ImageData, to_model_range
 from .errors import DdpmkitError
+from .loader import Stream
 from .models import build_model
+from .precision import autocast, resolve_precision
 from .schedules import Schedule, build_schedule
 
 
@@ -62,8 +64,13 @@ def batch_indices(seed: int, step: int, n_data: int, global_batch: int) -> torch
     if per_epoch == 0:
         raise DdpmkitError(f"the dataset has {n_data} images, fewer than one global batch of {global_batch}")
     epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return perm[k * global_batch:(k + 1) * global_batch]
+    return _epoch_permutation(seed, epoch, n_data)[k * global_batch:(k + 1) * global_batch]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, n_data: int) -> torch.Tensor:
+    """The data order of one epoch (cached: a million-image permutation is not free every step)."""
+    return torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
 def training_loss(net: nn.Module, schedule: Schedule, config: RunConfig, x0, y, t, eps, u) -> torch.Tensor:
@@ -84,14 +91,16 @@ def training_loss(net: nn.Module, schedule: Schedule, config: RunConfig, x0, y, 
 
 
 def _self_condition(net, schedule, config, x_t, t, y, u):
-    """Chen et al. (Analog Bits): half the time, first estimate x0 without gradient and feed it back."""
+    """Chen et al. (Analog Bits): on half of the batches, first estimate x0 without gradient and
+    feed it back as input; zeros on the other half (the coin is shared by all ranks)."""
+    if bool(u[0, 1] >= 0.5):
+        return torch.zeros_like(x_t)
     with torch.no_grad():
         out = net(x_t, t, y, torch.zeros_like(x_t)).float()
         if config.diffusion.learn_sigma:
             out = out.chunk(2, dim=1)[0]
         x0_hat, _ = diffusion.to_x0_eps(config.diffusion.objective, schedule, x_t, t, out)
-    use = (u[:, 1] < 0.5).reshape(-1, 1, 1, 1)
-    return torch.where(use, x0_hat.clamp(-1, 1).to(x_t.dtype), torch.zeros_like(x_t))
+    return x0_hat.clamp(-1, 1).to(x_t.dtype)
 
 
 def build_net(config: RunConfig) -> nn.Module:
@@ -101,7 +110,8 @@ def build_net(config: RunConfig) -> nn.Module:
 class Trainer:
     """One small stateful loop. Rank 0 alone writes files and shows the progress bar."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, data: ImageData, device="cpu"):
+    def __init__(self, config: RunConfig, run_dir: Path, data: ImageData | FolderDataset, device="cpu"):
+        """`data` in memory (ImageData), or a FolderDataset streamed by DataLoader workers."""
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         self.device = torch.device(device)
         self.dist = distributed.info()
@@ -109,31 +119,72 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.model = build_net(config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if config.train.grad_checkpointing:
+            _enable_grad_checkpointing(self.model, config.model.arch)
         self.net = distributed.wrap(self.model, self.device)
         self.optimizer = _optimizer(self.model, config)
+        # fp16 needs loss scaling (its gradients underflow); bf16 and fp32 have fp32's exponent range
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=resolve_precision(config.train.precision, self.device) == "fp16")
+        self.stream = None if isinstance(data, ImageData) else self._stream(data)
         self.step, self.metrics, self.nan_skipped = 0, [], 0
-        self._stop_signal = None
+        self._stop_signal, self._saved_step = None, None
+
+    @property
+    def interrupted_by(self) -> Optional[int]:
+        """The signal (SIGINT or SIGTERM) that stopped fit() early, else None."""
+        return self._stop_signal
+
+    @property
+    def global_batch(self) -> int:
+        """The effective batch: images per rank and micro-batch x ranks x accumulated micro-batches."""
+        t = self.config.train
+        return t.batch_size * self.dist.world_size * t.grad_accum
+
+    def _stream(self, dataset: FolderDataset) -> Stream:
+        t = self.config.train
+        return Stream(dataset, lambda step: batch_indices(t.seed, step, len(dataset), self.global_batch),
+                      t.batch_size, t.grad_accum, self.dist, self.config.data.workers, self.device.type == "cuda")
 
     # ---- state ---------------------------------------------------------------------------------
 
     def resume(self) -> None:
+        if self.dist.rank == 0:  # what a killed run left: temp checkpoints, temp files, unpruned ones
+            checkpoint.tidy(self.run_dir, self.config.train.keep)
+        distributed.barrier()
         ckpt = checkpoint.latest_checkpoint(self.run_dir)
         if ckpt is None:
             return
         state, train_state = checkpoint.load_state(ckpt)
+        _check_global_batch(state.get("global_batch", self.global_batch), self.global_batch, self.config,
+                            self.dist.world_size)
         checkpoint.load_weights(self.model, ckpt / "model.safetensors")
         checkpoint.load_weights(self.ema, ckpt / "ema.safetensors")
-        self.optimizer.load_state_dict(train_state["optimizer"])
-        torch.set_rng_state(train_state["cpu_rng"])
+        try:
+            self.optimizer.load_state_dict(train_state["optimizer"])
+            if train_state.get("scaler"):
+                self.scaler.load_state_dict(train_state["scaler"])
+            torch.set_rng_state(train_state["cpu_rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise DdpmkitError(f"{ckpt / 'train_state.pt'} does not hold this run's optimizer and RNG state "
+                               f"({type(e).__name__}: {e})") from e
         self.step, self.nan_skipped = state["step"], state.get("nan_skipped", 0)
+        self._saved_step = self.step
         self.metrics = [m for m in _read_metrics(self.run_dir) if m["step"] <= self.step]
 
     def save(self) -> None:
+        """Metrics first, then the checkpoint: a kill in between leaves rows past the checkpoint,
+        which resume() drops, rather than a gap. A step already saved is not saved again."""
+        if self._saved_step == self.step:
+            return
         if self.dist.rank == 0:
-            train_state = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
-            checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.ema, train_state,
-                                       {"nan_skipped": self.nan_skipped}, keep=self.config.train.keep)
             self._write_metrics()
+            train_state = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
+                           "scaler": self.scaler.state_dict()}
+            checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.ema, train_state,
+                                       {"nan_skipped": self.nan_skipped, "global_batch": self.global_batch},
+                                       keep=self.config.train.keep)
+        self._saved_step = self.step
         distributed.barrier()
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -154,46 +205,59 @@ class Trainer:
                     self.write_grid()
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
+            self.save()  # still under the handlers: a second Ctrl-C cannot cut this save short
         bar.close()
-        self.save()
-        self.write_grid()
+        if self.stream is not None:
+            self.stream.close()
+        if self._stop_signal is None:  # a signal asks to stop now (SIGTERM grace periods are short)
+            self.write_grid()
+        distributed.barrier()  # the ranks leave together (a rank gone early can abort gloo's peers)
         return self.step
 
     def _done(self, total_steps, deadline) -> bool:
-        if self._stop_signal is not None:
-            return True
         if total_steps is not None and self.step >= total_steps:
             return True
-        return deadline is not None and distributed.any_rank(time.monotonic() >= deadline, self.device)
+        stop = self._stop_signal is not None or (deadline is not None and time.monotonic() >= deadline)
+        # all ranks must stop at the same step (a signal may reach them at different steps)
+        return distributed.any_rank(stop, self.device) if self.dist.world_size > 1 else stop
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (a tensor)."""
         cfg, dist = self.config.train, self.dist
         micro, accum = cfg.batch_size, cfg.grad_accum
-        global_batch = micro * dist.world_size * accum
-        idx = batch_indices(cfg.seed, self.step, len(self.data.images), global_batch)
-        shape = (global_batch, *self.data.images.shape[1:])
-        t, eps, u = batch_noise(cfg.seed, self.step, shape, self.schedule.T, self.device)
+        idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
+        c, size = self.config.in_channels, self.config.image_size
+        t, eps, u = batch_noise(cfg.seed, self.step, (self.global_batch, c, size, size), self.schedule.T, self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg.lr, cfg.warmup)
         total = torch.zeros((), device=self.device)
         for k in range(accum):
-            start = (k * dist.world_size + dist.rank) * micro  # this rank's slice of micro-batch k
-            sl = slice(start, start + micro)
-            with distributed.no_sync(self.net, last=k == accum - 1), _autocast(self.device, cfg.precision):
-                x0 = to_model_range(self.data.images[idx[sl]].to(self.device, non_blocking=True))
-                y = self.data.labels[idx[sl]].to(self.device) if self.config.data.conditional else None
+            sl = distributed.rank_slice(k, micro, dist)  # this rank's slice of micro-batch k
+            images, labels = self._micro_batch(idx[sl], k)
+            with distributed.no_sync(self.net, last=k == accum - 1), autocast(self.device, cfg.precision):
+                x0 = to_model_range(images.to(self.device, non_blocking=True))
+                y = labels.to(self.device) if self.config.data.conditional else None
                 loss = training_loss(self.net, self.schedule, self.config, x0, y, t[sl], eps[sl], u[sl]).mean()
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
         return self._optimizer_step(total)
+
+    def _micro_batch(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of this rank's micro-batch k: indexed in memory, or streamed."""
+        if self.stream is None:
+            return self.data.images[idx], self.data.labels[idx]
+        return self.stream.batch(self.step, k)
 
     def _optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
         cfg = self.config.train
         params = [p for p in self.model.parameters() if p.grad is not None]
+        self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the loss-scaled one
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if self.scaler.is_enabled() and torch.isfinite(loss):
+            return self._scaled_step(loss)
         if not (torch.isfinite(norm) and torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: close this step's unscale_ (a no-op for bf16/fp32)
             if cfg.on_nan == "skip":
                 self.nan_skipped += 1
                 return torch.zeros((), device=self.device)
@@ -202,6 +266,16 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
+        return loss
+
+    def _scaled_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """fp16: the scaler skips the step (and halves the scale) when the gradient overflowed."""
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.get_scale() >= scale:  # the step was taken; after a skipped one the EMA waits too
+            ema_update(self.ema, self.model, ema_decay_at(self.step, self.config.train.ema_decay))
         return loss
 
     # ---- outputs -------------------------------------------------------------------------------
@@ -218,8 +292,12 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
-        checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", lines)
-        viz.loss_curve(self.metrics, self.run_dir / "loss.png")
+        try:
+            checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+            viz.loss_curve(self.metrics, self.run_dir / "loss.png")
+        except OSError as e:
+            raise DdpmkitError(f"could not write the metrics in {self.run_dir}: {e.strerror or e}; "
+                               "the previous checkpoint is intact") from e
 
     def write_grid(self) -> None:
         if self.dist.rank != 0:
@@ -229,6 +307,22 @@ class Trainer:
         denoiser = denoiser_for(self.config, self.ema, self.schedule)
         grid_for_run(self.config, denoiser, self.run_dir / "samples" / f"step-{self.step:08d}.png",
                      device=self.device)
+
+
+def _enable_grad_checkpointing(model: nn.Module, arch: str) -> None:
+    """Recompute activations in the backward pass instead of storing them (less memory, ~30% slower)."""
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise DdpmkitError(f"--grad-checkpointing is available for --arch unet, not {arch}")
+    model.set_grad_checkpointing(True)
+
+
+def _check_global_batch(saved: int, now: int, config: RunConfig, world_size: int) -> None:
+    """A resumed run keeps its global batch (data order and loss scale depend on it)."""
+    if saved != now:
+        t = config.train
+        raise DdpmkitError(f"this run trained with a global batch of {saved} images per step, but {t.batch_size} "
+                           f"per process x {world_size} process(es) x --grad-accum {t.grad_accum} is {now}; "
+                           f"choose --batch-size and --grad-accum so that their product x {world_size} is {saved}")
 
 
 def _optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
@@ -241,23 +335,6 @@ def _optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     raise DdpmkitError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or adam")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 where the hardware computes it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def _autocast(device: torch.device, precision: str):
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -266,7 +343,8 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 
 class _signals:
-    """SIGINT/SIGTERM ask the loop to stop; it then saves a checkpoint and returns cleanly."""
+    """SIGINT/SIGTERM ask the loop to stop after the step in flight; it then saves a checkpoint
+    (a repeated signal cannot interrupt that save) and fit() returns, `interrupted_by` set."""
 
     def __init__(self, trainer: Trainer):
         self.trainer, self.previous = trainer, {}

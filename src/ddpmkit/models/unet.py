@@ -2,6 +2,7 @@
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ddpmkit.models.layers import (
     ATTENTION,
@@ -22,11 +23,21 @@ from ddpmkit.models.layers import (
 
 
 class EmbedSequential(nn.Sequential):
-    """A Sequential that hands the embedding to the ResBlocks inside it."""
+    """A Sequential that hands the embedding to the ResBlocks inside it.
+
+    With grad_checkpointing, ResBlocks and attention keep only their inputs for the backward
+    pass and recompute the rest there (the same numbers, less memory, one more forward).
+    """
+
+    grad_checkpointing = False
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            args = (x, emb) if isinstance(layer, ResBlock) else (x,)
+            if self.grad_checkpointing and torch.is_grad_enabled() and isinstance(layer, (ResBlock, Attention2d)):
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
         return x
 
 
@@ -203,6 +214,12 @@ class UNet(nn.Module):
                     size *= 2
                 stages.append(stage)
         return stages
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory in training; not part of the architecture (weights unchanged)."""
+        for module in self.modules():
+            if isinstance(module, EmbedSequential):
+                module.grad_checkpointing = enabled
 
     def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
         """What every ResBlock sees: time embedding (+ class embedding; y None = null class)."""

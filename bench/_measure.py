@@ -1,0 +1,165 @@
+"""What the speed benchmark measures, the same way for every implementation.
+
+A Workload is one model at one batch size, seen through four callables: one training step
+(forward, backward, optimizer step), one batch of samples, one network evaluation (for the
+sampling FLOPs) and the parameter count. Everything here is timing, FLOP counting, memory and
+the machine's description; nothing knows which library it is timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, NamedTuple
+
+import torch
+from torch.utils import flop_counter
+
+MIB = 1024 * 1024
+
+
+class Workload(NamedTuple):
+    params: int  # trainable parameters
+    train_step: Callable[[], None]  # one forward + backward + optimizer step on one batch
+    sample: Callable[[], torch.Tensor]  # one batch of samples with the benchmark's number of steps
+    forward: Callable[[], None]  # one network evaluation on one batch, as a sampler makes it
+    info: dict  # what was built, for the report
+
+
+class Sizes(NamedTuple):
+    """How long to measure: warm-up steps, timed windows of training steps, sampling repeats."""
+
+    batch: int
+    warmup: int
+    windows: int
+    steps_per_window: int
+    sample_steps: int
+    sample_repeats: int
+
+
+FULL = Sizes(batch=64, warmup=3, windows=5, steps_per_window=4, sample_steps=50, sample_repeats=3)
+QUICK = Sizes(batch=4, warmup=1, windows=2, steps_per_window=1, sample_steps=2, sample_repeats=1)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far: VmHWM of /proc/self/status on Linux.
+
+    Not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a worker started by a large
+    parent would report at least the parent's size. VmHWM belongs to the process's own memory map."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    except (OSError, StopIteration):
+        scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def train_images_per_s(step: Callable[[], None], sizes: Sizes) -> tuple[float, list[float]]:
+    """Median images/s over timed windows of training steps, after `warmup` untimed steps."""
+    for _ in range(sizes.warmup):
+        step()
+    rates = []
+    for _ in range(sizes.windows):
+        start = time.perf_counter()
+        for _ in range(sizes.steps_per_window):
+            step()
+        rates.append(sizes.steps_per_window * sizes.batch / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+def sample_images_per_s(sample: Callable[[], torch.Tensor], forward: Callable[[], None],
+                        sizes: Sizes) -> tuple[float, list[float]]:
+    """Median images/s over whole sampling runs, after one untimed network evaluation."""
+    forward()
+    rates = []
+    for _ in range(sizes.sample_repeats):
+        start = time.perf_counter()
+        images = sample()
+        rates.append(len(images) / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one that
+# F.scaled_dot_product_attention runs here; without these, attention would count as free.
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """Floating-point operations of one call (matmuls, convolutions, attention; both passes)."""
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(threads: int, n: int, seconds: float = 2.0) -> dict:
+    """GFLOP/s of an n x n @ n x n matmul in fp32 and bf16 (the best of repeated runs)."""
+    set_threads(threads)
+    out = {"n": n}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: thread pool, kernel selection
+        best, spent = 0.0, 0.0
+        while spent < seconds or best == 0.0:
+            start = time.perf_counter()
+            a @ b
+            elapsed = time.perf_counter() - start
+            best, spent = max(best, 2 * n**3 / elapsed / 1e9), spent + elapsed
+        out[name] = best
+    return out
+
+
+def machine(threads: int) -> dict:
+    """The CPU, its core count, the torch build and the thread count the figures were taken with."""
+    try:
+        with open("/proc/cpuinfo") as f:  # one block per logical CPU, all alike
+            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    except OSError:
+        info = {}
+    cpu, flags = info.get("model name", platform.processor() or "unknown"), info.get("flags", "").split()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": threads,
+            "load_average_at_start": os.getloadavg()[0],
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "python": platform.python_version()}
+
+
+def busy_warning(info: dict) -> str:
+    """A sentence when other work was running: with every core in use, OpenMP threads wait on each other
+    at every operator, and a 2-thread step can take 20x longer than on a quiet machine."""
+    load = info.get("load_average_at_start", 0.0)
+    if load < 0.5:
+        return ""
+    return (f"WARNING: the machine was busy (1-minute load average {load:.1f} on {info['cores']} cores); "
+            "these figures are not representative.")
+
+
+def emit(record: dict) -> None:
+    """A worker's result: one JSON line on stdout, marked so that library chatter cannot be mistaken for it."""
+    print("BENCH-RESULT " + json.dumps(record), flush=True)
+
+
+def parse_result(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("BENCH-RESULT ")]
+    if not lines:
+        raise RuntimeError("the worker printed no result")
+    return json.loads(lines[-1][len("BENCH-RESULT "):])

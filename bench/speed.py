@@ -1,0 +1,306 @@
+"""Speed of ddpmkit against the reference implementations, in one run on one machine.
+
+    python bench/speed.py                  # the full comparison; writes bench/results/speed-<date>.{md,json}
+    python bench/speed.py --quick          # tiny sizes, a smoke run (writes under bench/_work/)
+
+Every row runs in a fresh subprocess with the same thread count and the same input (1x28x28
+images, batch 64): training images/s (forward + backward + optimizer step, median of timed
+windows after a warm-up), sampling images/s (50 DDIM steps for one batch), peak resident memory
+over an idle `import torch` process, and achieved FLOP/s against a measured matmul peak.
+ddpmkit is matched in parameter count to each reference (within 5%) and also shown at its
+default model; its rows run with the precision a user gets ("auto") and in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import _measure
+from _measure import FULL, QUICK, Sizes, Workload
+
+HERE = Path(__file__).resolve().parent
+TOLERANCE = 0.05  # matched parameter counts: |ours / reference - 1| <= 5%
+REFERENCES = {  # the reference's width multipliers and the sizes where it has full attention
+    "lucidrains": {"channel_mults": (1, 2, 4), "attn_resolutions": (7,)},
+    "diffusers": {"channel_mults": (1, 2, 4), "attn_resolutions": (14, 7)},
+}
+
+
+# ---- ddpmkit ----------------------------------------------------------------------------------
+
+
+def ddpmkit_config(model: dict, conditional: bool, precision: str, sizes: Sizes):
+    """A RunConfig with the defaults except the model overrides, batch, precision and sampling steps."""
+    from ddpmkit.config import RunConfig, apply_overrides
+    from ddpmkit.data import DATASETS
+    config = apply_overrides(RunConfig(), {
+        "model": model, "data": {"conditional": conditional},
+        "train": {"batch_size": sizes.batch, "precision": precision},
+        "sample": {"steps": sizes.sample_steps, "precision": precision}})
+    info = DATASETS["fashion-mnist"]
+    config.in_channels, config.image_size = info.channels, info.image_size
+    config.num_classes, config.class_names = info.num_classes, info.class_names
+    return config
+
+
+def ddpmkit_params(model: dict, conditional: bool) -> int:
+    """Parameters of the ddpmkit network a row builds (counted on the meta device: no memory)."""
+    from ddpmkit.train import build_net
+    with torch.device("meta"):
+        net = build_net(ddpmkit_config(model, conditional, "fp32", QUICK))
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple) -> tuple[dict, int]:
+    """The unconditional ddpmkit UNet closest in parameters to `target`: base_channels (multiples of
+    4) and num_res_blocks with the reference's width multipliers, or, if none is within 5%, with
+    ddpmkit's default multipliers. Attention stays where the reference has full attention."""
+    from ddpmkit.config import ModelConfig
+    best = None
+    for mults in (tuple(channel_mults), tuple(ModelConfig.channel_mults)):
+        for blocks in (1, 2, 3):
+            for base in range(16, 132, 4):  # the count grows with base: stop once past the target
+                model = {"base_channels": base, "channel_mults": mults, "num_res_blocks": blocks,
+                         "attn_resolutions": tuple(attn_resolutions)}
+                params = ddpmkit_params(model, conditional=False)
+                if best is None or abs(params / target - 1) < abs(best[1] / target - 1):
+                    best = (model, params)
+                if params > target:
+                    break
+        if abs(best[1] / target - 1) <= TOLERANCE:
+            break
+    return best
+
+
+def synthetic_images(n: int) -> torch.Tensor:
+    """n random 1x28x28 uint8 images: the one input every row trains on (speed ignores the pixels)."""
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def synthetic_data(n: int):
+    """synthetic_images with labels 0..9, as ddpmkit's Trainer takes them."""
+    from ddpmkit.data import DATASETS, ImageData
+    return ImageData(synthetic_images(n), torch.arange(n) % 10, DATASETS["fashion-mnist"])
+
+
+def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Sizes) -> Workload:
+    """Training: Trainer.train_step as `ddpmkit train` runs it (autocast, clipping, EMA update).
+    Sampling: sampling.generate with the run's default sampler (DDIM, eta 0), as `ddpmkit sample`."""
+    from ddpmkit.sampling import default_labels, denoiser_for, generate
+    from ddpmkit.train import Trainer
+    config = ddpmkit_config(model, conditional, precision, sizes)
+    trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", synthetic_data(4 * sizes.batch))
+    denoiser = denoiser_for(config, trainer.ema, trainer.schedule)
+    labels = default_labels(config, sizes.batch, None)
+    shape = (config.in_channels, config.image_size, config.image_size)
+
+    def train_step():
+        trainer.train_step()
+        trainer.step += 1
+
+    def sample():
+        return generate(denoiser, sizes.batch, shape, labels=labels, settings=config.sample, batch_size=sizes.batch)
+
+    def forward():
+        x = torch.randn(sizes.batch, *shape)
+        with torch.inference_mode():
+            denoiser(x, 500, labels)
+
+    info = {"library": "ddpmkit", "model": {**config.model.__dict__}, "conditional": conditional,
+            "precision": precision, "sampler": config.sample.sampler}
+    params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return Workload(params, train_step, sample, forward, info)
+
+
+# ---- one row, in its own process --------------------------------------------------------------
+
+
+def build(spec: dict, sizes: Sizes) -> Workload:
+    if spec["impl"] == "ddpmkit":
+        return ddpmkit_workload(spec["model"], spec["conditional"], spec["precision"], sizes)
+    import _refs  # the reference rows import no ddpmkit: their memory is their own
+    images = synthetic_images(sizes.batch)
+    if spec["impl"] == "lucidrains":
+        return _refs.lucidrains_workload(images.float() / 255, sizes.sample_steps)
+    return _refs.diffusers_workload(images.float() / 127.5 - 1, sizes.sample_steps)
+
+
+def worker(spec: dict) -> dict:
+    """Measure one row: sampling first (its peak memory is then its own), then training, then FLOPs."""
+    _measure.set_threads(spec["threads"])
+    if spec["impl"] == "baseline":
+        return {"rss_mib": _measure.peak_rss_mib()}
+    if spec["impl"] == "peak":
+        return _measure.matmul_peak(spec["threads"], spec["n"], spec["seconds"])
+    sizes = Sizes(**spec["sizes"])
+    workload = build(spec, sizes)
+    rss_built = _measure.peak_rss_mib()
+    sample_rate, sample_rates = _measure.sample_images_per_s(workload.sample, workload.forward, sizes)
+    rss_sample = _measure.peak_rss_mib()
+    train_rate, train_rates = _measure.train_images_per_s(workload.train_step, sizes)
+    rss_train = _measure.peak_rss_mib()
+    return {"params": workload.params, "info": workload.info,
+            "train_images_per_s": train_rate, "train_windows": train_rates,
+            "sample_images_per_s": sample_rate, "sample_runs": sample_rates,
+            "rss_built_mib": rss_built, "rss_sample_mib": rss_sample, "rss_train_mib": rss_train,
+            "train_step_flops": _measure.count_flops(workload.train_step),
+            "forward_flops": _measure.count_flops(workload.forward)}
+
+
+def run_worker(spec: dict, timeout: float = 1800) -> dict:
+    """Run `worker(spec)` in a fresh interpreter with the thread count fixed in its environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
+           "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec.get('name', spec['impl'])} failed:\n{proc.stderr[-3000:]}")
+    return _measure.parse_result(proc.stdout)
+
+
+# ---- the plan and the report ------------------------------------------------------------------
+
+
+def plan(references: list[str], default_model: dict) -> list[dict]:
+    """Rows: each reference, ddpmkit matched to it (auto and fp32), ddpmkit's default model."""
+    import _refs
+    counts = {"lucidrains": _refs.lucidrains_params, "diffusers": _refs.diffusers_params}
+    rows = []
+    for ref in references:
+        rows.append({"name": ref, "impl": ref, "precision": "fp32"})
+        model, _ = matched_model(counts[ref](), **REFERENCES[ref])
+        for precision in ("auto", "fp32"):
+            rows.append({"name": f"ddpmkit ~ {ref}", "impl": "ddpmkit", "model": model, "conditional": False,
+                         "precision": precision, "matched_to": ref})
+    for precision in ("auto", "fp32"):
+        rows.append({"name": "ddpmkit default", "impl": "ddpmkit", "model": default_model,
+                     "conditional": True, "precision": precision})
+    return rows
+
+
+def measure(rows: list[dict], sizes: Sizes, threads: int, quick: bool) -> dict:
+    """Run the baseline, the matmul peak and every row, each in its own process; collect the records."""
+    base = {"threads": threads}
+    baseline = run_worker({**base, "impl": "baseline"})["rss_mib"]
+    peak = run_worker({**base, "impl": "peak", "n": 512 if quick else 2048, "seconds": 0.5 if quick else 3.0})
+    records = []
+    for row in rows:
+        print(f"measuring {row['name']} ({row['precision']}) ...", file=sys.stderr, flush=True)
+        record = run_worker({**base, **row, "sizes": sizes._asdict()})
+        records.append({**row, **record, "batch": sizes.batch, "sample_steps": sizes.sample_steps,
+                        "train_mib": record["rss_train_mib"] - baseline,
+                        "sample_mib": record["rss_sample_mib"] - baseline,
+                        "built_mib": record["rss_built_mib"] - baseline})
+    for r in records:
+        _add_derived(r, records, peak)
+    return {"idle_torch_rss_mib": baseline, "matmul_peak_gflops": peak, "rows": records}
+
+
+def _add_derived(r: dict, records: list[dict], peak: dict) -> None:
+    """Achieved GFLOP/s against the matmul peak of the row's precision; ratios to its reference."""
+    from ddpmkit.precision import resolve_precision
+    r["resolved_precision"] = resolve_precision(r["precision"], "cpu")
+    steps_per_s = r["train_images_per_s"] / r["batch"]
+    r["train_gflops"] = r["train_step_flops"] * steps_per_s / 1e9
+    r["train_peak_fraction"] = r["train_gflops"] / peak[r["resolved_precision"]]
+    forwards_per_s = r["sample_steps"] * r["sample_images_per_s"] / r["batch"]
+    r["sample_gflops"] = r["forward_flops"] * forwards_per_s / 1e9
+    r["sample_peak_fraction"] = r["sample_gflops"] / peak[r["resolved_precision"]]
+    ref = next((x for x in records if x["impl"] == r.get("matched_to")), None)
+    if ref is not None:
+        keys = ("train_images_per_s", "sample_images_per_s", "train_mib", "sample_mib")
+        r["ratio"] = {k: r[k] / ref[k] if ref[k] > 0 else None for k in keys}
+
+
+def _fmt_ratio(r: dict, key: str) -> str:
+    value = r.get("ratio", {}).get(key)
+    return "" if value is None else f"{value:.2f}x"
+
+
+def table(result: dict) -> str:
+    """The markdown report: machine and versions, the matched configurations, the measurements."""
+    m, peak = result["machine"], result["matmul_peak_gflops"]
+    lines = [f"# Speed, {result['date']}", "", f"Command: `{result['command']}`", "",
+             *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
+             f"(AVX-512 BF16: {m['avx512_bf16']}, AMX: {m['amx_bf16']}). "
+             f"Matmul peak ({peak['n']}x{peak['n']}): fp32 {peak['fp32']:.1f} GFLOP/s, "
+             f"bf16 {peak['bf16']:.1f} GFLOP/s.",
+             "", "References: " + (", ".join(f"{k} {v}" for k, v in result["references"].items()) or "none"),
+             *[f"Skipped {k}: {v}" for k, v in result["skipped"].items()], "",
+             f"Batch {result['sizes']['batch']} of 1x28x28; sampling {result['sizes']['sample_steps']} DDIM steps; "
+             f"idle `import torch` process {result['idle_torch_rss_mib']:.0f} MiB "
+             "(subtracted from the memory columns).",
+             "", "| row | precision | params | train img/s | vs ref | sample img/s | vs ref | train MiB | sample MiB "
+             "| train GFLOP/s (% peak) | sample GFLOP/s (% peak) |", "|" + "---|" * 11]
+    for r in result["rows"]:
+        precision = r["precision"] + (f" ({r['resolved_precision']})" if r["precision"] == "auto" else "")
+        lines.append(
+            f"| {r['name']} | {precision} | {r['params'] / 1e6:.3f}M | {r['train_images_per_s']:.1f} | "
+            f"{_fmt_ratio(r, 'train_images_per_s')} | {r['sample_images_per_s']:.2f} | "
+            f"{_fmt_ratio(r, 'sample_images_per_s')} | {r['train_mib']:.0f} | {r['sample_mib']:.0f} | "
+            f"{r['train_gflops']:.1f} ({100 * r['train_peak_fraction']:.0f}%) | "
+            f"{r['sample_gflops']:.1f} ({100 * r['sample_peak_fraction']:.0f}%) |")
+    lines += ["", "Matched ddpmkit models (unconditional; other settings are config.ModelConfig defaults):", ""]
+    for r in result["rows"]:
+        if r.get("matched_to") and r["precision"] == "auto":
+            ref = next(x for x in result["rows"] if x["impl"] == r["matched_to"])
+            lines.append(f"- ~ {r['matched_to']} ({ref['params']:,} params): {json.dumps(r['model'])} -> "
+                         f"{r['params']:,} params ({100 * (r['params'] / ref['params'] - 1):+.1f}%)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Speed of ddpmkit against the reference implementations.")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every row (2)")
+    parser.add_argument("--skip-references", action="store_true", help="measure the ddpmkit rows only")
+    parser.add_argument("--results-dir", help="where speed-<date>.{md,json} go (bench/results; "
+                        "bench/_work with --quick)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _measure.emit(worker(json.loads(args.worker)))
+        return 0
+    machine = _measure.machine(args.threads)  # first: the load average before we add to it
+    if _measure.busy_warning(machine):
+        print(_measure.busy_warning(machine), file=sys.stderr)
+    import _refs
+    from ddpmkit.config import ModelConfig
+    from ddpmkit.fileio import atomic_write_text
+    sizes = QUICK if args.quick else FULL
+    references, skipped = [], {}
+    for ref in ("lucidrains", "diffusers"):
+        ok, why = (False, "--skip-references") if args.skip_references else _refs.available(ref)
+        if ok:
+            references.append(ref)
+        else:
+            skipped[ref] = why
+            print(f"skipping {ref}: {why}", file=sys.stderr)
+    default_model = {k: getattr(ModelConfig(), k) for k in ModelConfig.UNET_KEYS}
+    command = "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"date": datetime.date.today().isoformat(), "command": command.strip(), "machine": machine,
+              "sizes": sizes._asdict(), "quick": args.quick,
+              "references": {ref: _refs.version(ref) for ref in references}, "skipped": skipped}
+    result.update(measure(plan(references, default_model), sizes, args.threads, args.quick))
+    report = table(result)
+    out = Path(args.results_dir) if args.results_dir else HERE / ("_work" if args.quick else "results")
+    stem = out / f"speed-{result['date']}"
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2, default=list) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), report)
+    print(report)
+    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Smoke test of the benchmarks' ddpmkit side (bench/ is scripts, not a package).
+
+The reference implementations are optional extras (`.[bench]`), not installed in CI: these
+tests never import them, and run the speed benchmark with --skip-references.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpmkit.config import RunConfig
+from ddpmkit.precision import resolve_precision
+from ddpmkit.train import build_net
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return _bench_module("speed")
+
+
+def test_matched_model_finds_an_exact_config_in_its_search_space(speed):
+    model = {"base_channels": 24, "channel_mults": (1, 2, 4), "num_res_blocks": 2, "attn_resolutions": (7,)}
+    target = speed.ddpmkit_params(model, conditional=False)
+    found, params = speed.matched_model(target, (1, 2, 4), (7,))
+    assert (found, params) == (model, target)
+
+
+def test_matched_model_falls_back_to_default_mults_within_tolerance(speed):
+    # lucidrains' Unet(dim=32, dim_mults=(1, 2, 4), channels=1) has 2,607,681 parameters; no
+    # (1, 2, 4) config with base a multiple of 4 comes within 5% of it
+    found, params = speed.matched_model(2_607_681, (1, 2, 4), (7,))
+    assert abs(params / 2_607_681 - 1) <= speed.TOLERANCE
+    assert found["channel_mults"] == (1, 2, 2)
+    net = build_net(speed.ddpmkit_config(found, conditional=False, precision="fp32", sizes=speed.QUICK))
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+def test_quick_speed_run_measures_the_ddpmkit_rows(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "speed.py"), "--quick", "--skip-references",
+                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping lucidrains: --skip-references" in proc.stderr
+    (result_file,) = tmp_path.glob("speed-*.json")
+    result = json.loads(result_file.read_text())
+    rows = result["rows"]
+    assert [(r["name"], r["precision"]) for r in rows] == [("ddpmkit default", "auto"), ("ddpmkit default", "fp32")]
+    default_params = sum(p.numel() for p in build_net(RunConfig()).parameters())
+    for r in rows:
+        assert r["params"] == default_params
+        assert r["resolved_precision"] == resolve_precision(r["precision"], "cpu")
+        assert 0 < r["train_images_per_s"] < float("inf") and 0 < r["sample_images_per_s"] < float("inf")
+        assert len(r["train_windows"]) == result["sizes"]["windows"]
+        # a training step is a forward and a backward pass (about twice the forward's FLOPs)
+        assert 2.5 < r["train_step_flops"] / r["forward_flops"] < 3.5
+        assert r["rss_train_mib"] >= r["rss_sample_mib"] >= r["rss_built_mib"] > result["idle_torch_rss_mib"] > 0
+    assert "ddpmkit default" in result_file.with_suffix(".md").read_text()
+
+
+def test_quality_npz_round_trip_matches_ddpmkit_sample(tmp_path):
+    quality = _bench_module("quality")
+    images = torch.linspace(-1, 1, 3 * 28 * 28).reshape(3, 1, 28, 28)
+    quality.save_npz(tmp_path / "s.npz", images, [4, 0, 9])
+    back, labels = quality.load_npz(tmp_path / "s.npz")
+    assert labels.tolist() == [4, 0, 9]
+    assert back.shape == images.shape and (back - images).abs().max() <= 1 / 127.5
+    quality.save_npz(tmp_path / "u.npz", images, None)
+    assert quality.load_npz(tmp_path / "u.npz")[1] is None
+
+
+def test_flop_count_includes_cpu_attention():
+    measure = _bench_module("_measure")
+    B, H, N, d = 2, 4, 49, 16
+    q = torch.randn(B, H, N, d)
+    flops = measure.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert flops == 2 * (2 * B * H * N * N * d)  # q k^T and (softmax) v, a multiply-add each

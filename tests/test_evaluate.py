@@ -1,0 +1,265 @@
+"""Sample-quality metrics against known answers, the domain classifier and its cache, the Inception
+wiring (with a stand-in extractor: the real weights cannot be downloaded here) and `ddpmkit eval`."""
+
+import json
+import math
+import urllib.error
+
+import pytest
+import torch
+
+from ddpmkit import domain, evaluate
+from ddpmkit.cli import main
+from ddpmkit.data import load_dataset, to_model_range
+from ddpmkit.evaluate import (InceptionMetrics, InceptionUnavailable, feature_stats, frechet_distance,
+                              gaussian_blur, inception_score, precision_recall)
+from conftest import FAST, TINY_MODEL, make_idx_dataset
+
+
+def _gaussian(n, mean, cov, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, len(mean), generator=g, dtype=torch.float64)
+    return torch.as_tensor(mean, dtype=torch.float64) + z @ torch.linalg.cholesky(torch.as_tensor(cov)).T
+
+
+# ---- Fréchet distance ----------------------------------------------------------------------------
+
+
+def test_fd_of_a_set_with_itself_is_zero_and_grows_with_noise():
+    f = _gaussian(2000, [0.0] * 16, torch.eye(16, dtype=torch.float64) + 0.5, seed=0)
+    stats = feature_stats(f)
+    assert abs(frechet_distance(*stats, *stats)) < 1e-8
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(f.shape, generator=g, dtype=torch.float64)
+    distances = [frechet_distance(*feature_stats(f + s * noise), *stats) for s in (0.1, 0.3, 0.6, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+    assert distances[0] > 0
+
+
+def test_fd_of_diagonal_gaussians_is_the_closed_form():
+    """For commuting covariances d^2 = ||mu1 - mu2||^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2."""
+    mu1, mu2 = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 0.5])
+    s1, s2 = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([9.0, 1.0, 0.25])
+    expected = ((mu1 - mu2) ** 2).sum() + ((s1.sqrt() - s2.sqrt()) ** 2).sum()
+    assert frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2)) == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_fd_of_non_commuting_2x2_covariances_is_the_closed_form():
+    """For 2x2 PSD A with eigenvalues l1, l2: tr sqrt(A) = sqrt(l1) + sqrt(l2) = sqrt(tr A + 2 sqrt(det A)),
+    and S1 S2 has the eigenvalues of the PSD S1^(1/2) S2 S1^(1/2), so tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))."""
+    s1 = torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
+    s2 = torch.tensor([[0.5, -0.3], [-0.3, 3.0]], dtype=torch.float64)
+    mu1, mu2 = torch.tensor([0.3, -1.0], dtype=torch.float64), torch.tensor([-0.2, 0.4], dtype=torch.float64)
+    tr_sqrt = math.sqrt((s1 @ s2).trace() + 2 * math.sqrt(torch.det(s1) * torch.det(s2)))
+    expected = ((mu1 - mu2) ** 2).sum().item() + s1.trace().item() + s2.trace().item() - 2 * tr_sqrt
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)
+    # and from samples of the two Gaussians (sampling error shrinks like 1/sqrt(n))
+    f1, f2 = _gaussian(200_000, mu1.tolist(), s1, 2), _gaussian(200_000, mu2.tolist(), s2, 3)
+    assert frechet_distance(*feature_stats(f1), *feature_stats(f2)) == pytest.approx(expected, rel=0.02)
+
+
+def test_fd_matches_torchmetrics():
+    fid = pytest.importorskip("torchmetrics.image.fid")
+    f1 = _gaussian(500, [0.0] * 8, torch.eye(8, dtype=torch.float64), 4)
+    f2 = _gaussian(500, [0.2] * 8, torch.eye(8, dtype=torch.float64) * 2 + 0.3, 5)
+    (m1, c1), (m2, c2) = feature_stats(f1), feature_stats(f2)
+    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(fid._compute_fid(m1, c1, m2, c2).item(), rel=1e-9)
+
+
+# ---- precision and recall -----------------------------------------------------------------------
+
+
+def test_precision_recall_identical_far_and_half_covered():
+    real = _gaussian(400, [0.0, 0.0], torch.eye(2, dtype=torch.float64), 6)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # fake = the real points of the left half only: all fakes are real-looking, half the reals are covered
+    fake = real[real[:, 0] < 0]
+    precision, recall = precision_recall(real, fake)
+    assert precision == 1.0
+    assert 0.4 < recall < 0.65
+
+
+# ---- Inception score and the FID wiring -----------------------------------------------------------
+
+
+def test_inception_score_known_answers():
+    assert inception_score(torch.zeros(100, 10), splits=5)[0] == pytest.approx(1.0)  # p(y|x) uniform: IS = 1
+    confident = torch.full((100, 10), -1e4)
+    confident[torch.arange(100), torch.arange(100) % 10] = 0.0  # sure and balanced: IS = number of classes
+    mean, std = inception_score(confident, splits=1)
+    assert mean == pytest.approx(10.0, rel=1e-9) and std == 0.0
+    mean, std = inception_score(confident, splits=4)  # parts of 25 are not balanced: IS = exp H(p(y)) < 10
+    assert 6 < mean < 10 and std > 0
+
+
+class _FakeInception(torch.nn.Module):
+    """A random conv net with Inception's interface: uint8 [B, 3, H, W] -> (features [B, 16], logits [B, 7])."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 5, stride=2)
+        self.fc = torch.nn.Linear(16, 7)
+        self.calls = 0
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        self.calls += 1
+        f = self.conv(x.float() / 127.5 - 1).relu().mean((2, 3))
+        return f, self.fc(f) * 3
+
+
+def _images(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 12, 12, generator=g) * 1.6 - 0.8 + shift).clamp(-1, 1)
+
+
+def test_inception_wiring_with_a_stand_in_extractor_matches_torchmetrics():
+    tm_fid = pytest.importorskip("torchmetrics.image.fid")
+    tm_is = pytest.importorskip("torchmetrics.image.inception")
+    fake = _FakeInception()
+    real, generated = _images(300, 0), _images(200, 1, shift=0.15)
+    ref_feats, _ = evaluate.inception_features(fake, real)
+    metrics = InceptionMetrics(fake, *feature_stats(ref_feats), batch_size=64)
+    scores = metrics.score(generated)
+    assert math.isfinite(scores["fid"]) and scores["fid"] > 0 and scores["inception_score"] >= 1
+
+    class FeaturesOnly(torch.nn.Module):  # torchmetrics wants one [B, d] output from a custom extractor
+        def __init__(self, index):
+            super().__init__()
+            self.index = index
+
+        def forward(self, x):
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            return fake(x)[self.index].double()
+
+    reference = tm_fid.FrechetInceptionDistance(feature=FeaturesOnly(0), input_img_size=(3, 12, 12))
+    reference.update(evaluate.to_uint8(real), real=True)
+    reference.update(evaluate.to_uint8(generated), real=False)
+    assert scores["fid"] == pytest.approx(reference.compute().item(), rel=1e-6)
+    ours = evaluate.inception_score(evaluate.inception_features(fake, generated)[1], splits=1)[0]
+    theirs = tm_is.InceptionScore(feature=FeaturesOnly(1), splits=1)
+    theirs.update(evaluate.to_uint8(generated))
+    assert ours == pytest.approx(theirs.compute()[0].item(), rel=1e-6)
+
+
+def test_inception_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dest, progress):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(evaluate, "_fetch", offline)
+    with pytest.raises(InceptionUnavailable) as why:
+        evaluate.inception_weights(None)
+    message = str(why.value)
+    assert "\n" not in message and evaluate.INCEPTION_URL in message and "--inception-weights" in message
+    assert "offline" in message
+    found = tmp_path / "torch" / "hub" / "checkpoints" / evaluate.INCEPTION_URL.rsplit("/", 1)[1]
+    found.parent.mkdir(parents=True)
+    found.write_bytes(b"x")
+    assert evaluate.inception_weights(None) == found  # a copy in torch's hub cache is used
+
+
+def test_inception_without_torch_fidelity_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)  # makes the import fail
+    with pytest.raises(InceptionUnavailable, match=r"pip install 'ddpmkit\[eval\]'.*--inception-weights"):
+        InceptionMetrics.for_dataset("mnist")
+
+
+def test_gaussian_blur_keeps_constants_and_mass():
+    flat = torch.full((2, 3, 10, 10), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 1.5), flat, atol=1e-6)
+    dot = torch.zeros(1, 1, 15, 15)
+    dot[0, 0, 7, 7] = 1.0
+    blurred = gaussian_blur(dot, 1.0)
+    assert blurred.sum().item() == pytest.approx(1.0, rel=1e-5) and blurred.max() < 0.2
+    assert torch.equal(gaussian_blur(dot, 0.0), dot)
+
+
+# ---- the domain classifier -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One tiny dataset and one classifier cache for the module (the classifier trains once)."""
+    root = tmp_path_factory.mktemp("eval")
+    return {"data": make_idx_dataset(root / "mnist"), "cache": root / "cache", "root": root}
+
+
+def test_domain_classifier_learns_and_is_cached(shared, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared["cache"]))
+    trained = []
+    real_train = domain.train_classifier
+    monkeypatch.setattr(domain, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    first = domain.DomainMetrics.for_dataset("mnist", shared["data"], progress=False)
+    assert first.info["test_accuracy"] >= 0.9 and len(trained) == 1
+    files = sorted(p.name for p in (shared["cache"] / "ddpmkit" / "classifiers").iterdir())
+    assert len(files) == 3 and any(f.endswith("-reference.safetensors") for f in files)
+    second = domain.DomainMetrics.for_dataset("mnist", shared["data"], progress=False)
+    assert len(trained) == 1  # loaded, not retrained
+    for a, b in zip(first.net.state_dict().values(), second.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.allclose(first.ref_sigma, second.ref_sigma)
+
+
+def test_domain_scores_of_real_and_of_noise(shared, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared["cache"]))
+    metrics = domain.DomainMetrics.for_dataset("mnist", shared["data"], progress=False)
+    test = load_dataset("mnist", "test", shared["data"])
+    real = metrics.score(to_model_range(test.images), test.labels)
+    assert real["conditional_accuracy"] >= 0.9 and real["precision"] == 1.0 and real["recall"] == 1.0
+    assert real["class_entropy"] == pytest.approx(math.log(10), abs=0.15)  # 24 images, near-balanced
+    noise = metrics.score(torch.rand(24, 1, 28, 28) * 2 - 1)
+    assert noise["conditional_accuracy"] is None
+    assert noise["fd_dom"] > 100 * max(real["fd_dom"], 1e-3) and noise["recall"] == 0.0
+    assert real["reference_n"] == 24
+
+
+# ---- `ddpmkit eval` -------------------------------------------------------------------------------------
+
+
+def test_eval_command_writes_the_report_and_prints_the_table(shared, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared["cache"]))
+    monkeypatch.delenv("DDPMKIT_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(evaluate, "_fetch", lambda *a: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    run = shared["root"] / "run"
+    assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-dir", str(shared["data"]), *TINY_MODEL,
+                 *FAST, "--steps", "10", "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n", "20", "--sampler", "ddim", "--steps", "3", "--nll-n", "4",
+                 "--nll-stride", "25", "--seed", "7", "--inception", "on", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "domain fd_dom" in out and "nll bpd" in out and "inception" in out
+    assert err.count("Inception metrics skipped") == 1 and "--inception-weights" in err
+    reports = list(run.glob("eval-*-ddim3.json"))
+    assert len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    assert report["seed"] == 7 and report["n"] == 20 and report["sampling"]["steps"] == 3
+    assert report["versions"]["torch"] == torch.__version__ and report["command"][:2] == ["ddpmkit", "eval"]
+    results = report["results"]
+    assert results["domain"]["n"] == 20 and 0 <= results["domain"]["conditional_accuracy"] <= 1
+    assert results["nll"]["n"] == 4 and results["nll"]["t"] == [1, 2, 27] and results["nll"]["bpd"] > 0
+    assert "skipped" in results["inception"]
+
+
+def test_eval_reference_scores_real_training_images(shared, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared["cache"]))
+    out = tmp_path / "ref.json"
+    assert main(["eval", "--reference", "mnist", "--data-dir", str(shared["data"]), "--n", "24", "--blur", "1",
+                 "--inception", "off", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "reference" and report["blur_sigma"] == 1.0 and report["split"] == "train"
+    assert "inception" not in report["results"]
+    assert "domain precision" in capsys.readouterr().out
+    assert main(["eval", "--reference", "mnist", "--data-dir", str(shared["data"]), "--n", "8",
+                 "--device", "cpu", "--no-progress"]) == 0  # auto: no Inception on a CPU, and says so
+    assert capsys.readouterr().err.count("--inception on") == 1
+
+
+def test_eval_refuses_bad_arguments(capsys):
+    assert main(["eval", "--n", "5"]) == 2
+    assert "give either RUN_DIR or --reference" in capsys.readouterr().err
+    assert main(["eval", "--reference", "mnist", "--n", "1"]) == 2
