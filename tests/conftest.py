@@ -34,4 +34,4 @@ def tiny_mnist(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)

@@ -124,7 +124,7 @@ def test_resblock_matches_its_equations():
     block = perturb(ResBlock(4, 6, emb_dim=5, groups=2)).eval()
     x, emb = torch.randn(2, 4, 6, 6), torch.randn(2, 5)
     gn1, conv1 = block.in_layers[0], block.in_layers[2]
-    gn2, conv2 = block.out_layers[0], block.out_layers[3]
+    gn2, conv2 = block.out_norm, block.out_layers[2]
     lin, skip = block.emb_proj[1], block.skip
     h = F.conv2d(
         F.silu(manual_group_norm(x, 2, gn1.weight, gn1.bias, 1e-5)),
@@ -132,15 +132,22 @@ def test_resblock_matches_its_equations():
         conv1.bias,
         padding=1,
     )
-    h = h + F.linear(F.silu(emb), lin.weight, lin.bias)[:, :, None, None]
+    scale, shift = F.linear(F.silu(emb), lin.weight, lin.bias)[:, :, None, None].chunk(2, dim=1)
     out = F.conv2d(
-        F.silu(manual_group_norm(h, 2, gn2.weight, gn2.bias, 1e-5)),
+        F.silu(manual_group_norm(h, 2, gn2.weight, gn2.bias, 1e-5) * (1 + scale) + shift),
         conv2.weight,
         conv2.bias,
         padding=1,
     )
     expected = F.conv2d(x, skip.weight, skip.bias) + out
     torch.testing.assert_close(block(x, emb), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_resblock_embedding_survives_one_channel_groups():
+    """With one channel per group, an embedding added before GroupNorm would be normalised away."""
+    block = perturb(ResBlock(4, 4, emb_dim=5, groups=4)).eval()
+    x = torch.randn(2, 4, 6, 6)
+    assert not torch.allclose(block(x, torch.zeros(2, 5)), block(x, torch.ones(2, 5)), atol=1e-3)
 
 
 def test_resblock_starts_as_its_skip_path():

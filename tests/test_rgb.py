@@ -40,15 +40,6 @@ def make_shapes_folder(root, per_class=100, size=24, seed=0):
     return root
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and two threads thrash on a busy two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def shapes(tmp_path):
     return make_shapes_folder(tmp_path / "shapes")

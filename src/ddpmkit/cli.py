@@ -43,7 +43,7 @@ TRAIN_FLAGS = [
     ("--mult", "model.mult", int, "ConvNeXt expansion factor m (3)"),
     ("--timesteps", "diffusion.timesteps", int, "number of diffusion steps T (1000)"),
     ("--schedule", "diffusion.schedule", str, "noise schedule: linear or cosine (cosine)"),
-    ("--objective", "diffusion.objective", str, "what the network predicts: eps, x0 or v (eps)"),
+    ("--objective", "diffusion.objective", str, "what the network predicts: eps, x0 or v (v)"),
     ("--min-snr-gamma", "diffusion.min_snr_gamma", float, "min-SNR loss weighting gamma (off)"),
     ("--steps", "train.steps", int, "train until this total number of optimizer steps"),
     ("--epochs", "train.epochs", float, "train until this many epochs in total"),
@@ -115,7 +115,8 @@ def _train_parser(sub) -> None:
     for flag, (_, _, text) in BOOL_FLAGS.items():
         p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
     for flag, dest, kind, text in TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
+        p.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text,
+                       metavar=flag[2:].upper().replace("-", "_"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, help="train in N processes on this machine (data parallel; runs "
@@ -141,6 +142,8 @@ def _sampler_flags(p) -> None:
     p.add_argument("--eta", type=float, help="DDIM eta in [0, 1]")
     p.add_argument("--spacing", help="uniform, quadratic or trailing")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight W (1 = plain conditional)")
+    p.add_argument("--precision", help="the network's precision while sampling: auto, fp32, bf16 or fp16 "
+                   "(the run's; auto = bf16 where the hardware has it)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
 
 

@@ -48,7 +48,7 @@ class ModelConfig:
 class DiffusionConfig:
     timesteps: int = 1000  # T
     schedule: str = "cosine"
-    objective: str = "eps"  # what the network predicts: eps, x0 or v
+    objective: str = "v"  # what the network predicts: eps, x0 or v (v stays well-conditioned as alpha_bar -> 0)
     learn_sigma: bool = False  # Nichol & Dhariwal learned variances (L_hybrid)
     min_snr_gamma: Optional[float] = None  # Hang et al. 2023 loss weighting; None = L_simple
 

@@ -109,9 +109,12 @@ def norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block with the embedding added between its two convolutions.
+    """Pre-activation residual block; the embedding scales and shifts the normalised features.
 
-    h = conv(SiLU(GN(x))) + Linear(SiLU(emb));  out = skip(x) + conv0(Dropout(SiLU(GN(h)))).
+    h = conv(SiLU(GN(x)));  (scale, shift) = Linear(SiLU(emb));
+    out = skip(x) + conv0(Dropout(SiLU(GN(h) * (1 + scale) + shift))).
+    Applying the embedding after the GroupNorm (improved-diffusion's scale-shift norm) keeps it from
+    being normalised away, which an embedding added before GroupNorm is when groups hold one channel.
     """
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0, groups: int = 32):
@@ -119,9 +122,9 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1)
         )
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out))
+        self.out_norm = norm(c_out, groups)
         self.out_layers = nn.Sequential(
-            norm(c_out, groups),
             nn.SiLU(),
             nn.Dropout(dropout),
             zero_init(nn.Conv2d(c_out, c_out, 3, padding=1)),
@@ -129,7 +132,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x) + self.emb_proj(emb)[:, :, None, None]
+        h = self.in_layers(x)
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_norm(h) * (1 + scale) + shift  # FiLM: GN(h) (1 + scale) + shift
         return self.skip(x) + self.out_layers(h)
 
 
