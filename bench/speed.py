@@ -63,10 +63,10 @@ def ddpmkit_params(model: dict, conditional: bool) -> int:
 def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple) -> tuple[dict, int]:
     """The unconditional ddpmkit UNet closest in parameters to `target`: base_channels (multiples of
     4) and num_res_blocks with the reference's width multipliers, or, if none is within 5%, with
-    ddpmkit's default multipliers. Attention stays where the reference has full attention."""
+    ddpmkit's default multipliers, then (1, 2, 3). Attention stays where the reference has full attention."""
     from ddpmkit.config import ModelConfig
     best = None
-    for mults in (tuple(channel_mults), tuple(ModelConfig.channel_mults)):
+    for mults in (tuple(channel_mults), tuple(ModelConfig.channel_mults), (1, 2, 3)):
         for blocks in (1, 2, 3):
             for base in range(16, 132, 4):  # the count grows with base: stop once past the target
                 model = {"base_channels": base, "channel_mults": mults, "num_res_blocks": blocks,

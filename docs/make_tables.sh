@@ -4,8 +4,6 @@
 set -euo pipefail
 run="$1"
 ddpmkit eval "$run" --n 1000 --nll-n 100 --nll-stride 10 --out "$run/eval-ddim50.json"
-ddpmkit eval "$run" --n 1000 --sampler ddim --steps 100 --nll-n 0 --out "$run/eval-ddim100.json"
 ddpmkit eval "$run" --n 1000 --sampler dpm++ --steps 15 --spacing quadratic --nll-n 0 --out "$run/eval-dpmpp15.json"
-ddpmkit eval "$run" --n 1000 --guidance 3 --nll-n 0 --out "$run/eval-ddim50-w3.json"
 ddpmkit eval --reference fashion-mnist --n 1000 --out "$run/eval-reference.json"
 ddpmkit eval --reference fashion-mnist --blur 1 --n 1000 --out "$run/eval-reference-blur1.json"
