@@ -81,7 +81,7 @@ def test_seed_003_layout_is_a_preset_of_the_unet():
 @pytest.mark.parametrize("option", [
     ["--self-condition"], ["--attn-type", "linear"], ["--time-embedding", "learned"],
     ["--time-embedding", "random_fourier"], ["--preset", "seed-003", "--base-channels", "8", "--num-res-blocks", "1"],
-    ["--learn-sigma"]])
+    ["--learn-sigma"], ["--arch", "convnext", "--mult", "1"]])
 def test_each_option_trains_and_samples_with_every_sampler(option, tiny_mnist, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST,

@@ -205,6 +205,8 @@ class Trainer:
                     self.write_grid()
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
+            if n_log:  # a signal can end the loop between a step and its log line
+                loss_sum, t_log, n_log = self._log(bar, loss_sum, t_log, n_log)
             self.save()  # still under the handlers: a second Ctrl-C cannot cut this save short
         bar.close()
         if self.stream is not None:
