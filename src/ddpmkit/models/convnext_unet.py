@@ -9,7 +9,7 @@ size, which only happens to work at 28x28).
 import torch
 from torch import Tensor, nn
 
-from ddpmkit.models.layers import Attention2d, ClassEmbedding, SinusoidalEmbedding, require
+from ddpmkit.models.layers import Attention2d, ClassEmbedding, SinusoidalEmbedding, network_input, require
 
 
 def conv_out_size(n: int, stride: int) -> int:
@@ -182,13 +182,7 @@ class ConvNeXtUNet(nn.Module):
 
         y is ignored by an unconditional network and x_self_cond by one without self_condition.
         """
-        size = self.config["image_size"]
-        require(
-            tuple(x.shape[-2:]) == (size, size),
-            f"this ConvNeXtUNet takes {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}.",
-        )
-        if self.config["self_condition"]:
-            x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond], dim=1)
+        x = network_input(self.config, x, x_self_cond, "ConvNeXtUNet")
         t_emb = self.time_embed(t)
         class_emb = None if self.class_embed is None else self.class_embed(y, len(t))
         h, skips = self.first(x, t_emb, class_emb), []

@@ -108,6 +108,17 @@ def norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(group_count(channels, groups), channels)
 
 
+def network_input(config: dict, x: Tensor, x_self_cond: Tensor | None, name: str) -> Tensor:
+    """Check the image size the network was built for, and append x_self_cond (zeros when None)
+    as extra channels when it is self-conditioned."""
+    size = config["image_size"]
+    require(tuple(x.shape[-2:]) == (size, size),
+            f"the {name} was built for {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}.")
+    if config["self_condition"]:
+        x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond], dim=1)
+    return x
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block; the embedding scales and shifts the normalised features.
 

@@ -16,6 +16,7 @@ from ddpmkit.models.layers import (
     TimestepEmbedder,
     Upsample,
     check_choice,
+    network_input,
     norm,
     require,
     zero_init,
@@ -235,13 +236,7 @@ class UNet(nn.Module):
 
         y is ignored by an unconditional network and x_self_cond by one without self_condition.
         """
-        size = self.config["image_size"]
-        require(
-            tuple(x.shape[-2:]) == (size, size),
-            f"the UNet was built for {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}.",
-        )
-        if self.config["self_condition"]:
-            x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond], dim=1)
+        x = network_input(self.config, x, x_self_cond, "UNet")
         emb = self.embed(t, y)
         h0 = self.init_conv(x)
         h, skips = h0, [h0]
