@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from ddpmkit.idx import write_idx
 
@@ -35,3 +36,11 @@ def tiny_mnist(tmp_path):
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(1)
+
+
+def perturb(model: nn.Module) -> nn.Module:
+    """Move every parameter off its initial value, so zero-initialised layers pass signal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model

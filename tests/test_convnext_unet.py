@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.models import ConvNeXtUNet, build_model, count_parameters
+from conftest import perturb
 
 # The seed-001 notebook's UNet(max_t=500, m=3, n_class=10), re-implemented outside the repository,
 # has 2,038,132 trainable parameters (plus a frozen 501 x 112 table of step embeddings); ours adds
@@ -21,14 +21,6 @@ def _seed():
 def tiny(**overrides) -> ConvNeXtUNet:
     config = dict(image_size=8, channels=(4, 8, 8), strides=(2, 2), mult=1, emb_dim=8)
     return ConvNeXtUNet(**{**config, **overrides})
-
-
-def perturb(model: nn.Module) -> nn.Module:
-    """Move every parameter off its initial value, so zero-initialised layers pass signal."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def batch(model: ConvNeXtUNet, n: int = 2):

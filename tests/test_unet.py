@@ -8,6 +8,7 @@ from torch import nn
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.models import ARCHITECTURES, ConvNeXtUNet, UNet, build_model, count_parameters
 from ddpmkit.models.layers import Attention2d
+from conftest import perturb
 
 
 @pytest.fixture(autouse=True)
@@ -27,14 +28,6 @@ def tiny(**overrides) -> UNet:
         groups=4,
     )
     return UNet(**{**config, **overrides})
-
-
-def perturb(model: nn.Module) -> nn.Module:
-    """Move every parameter off its initial value, so zero-initialised layers pass signal."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def batch(model: UNet, n: int = 2):
