@@ -64,27 +64,47 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def train_images_per_s(step: Callable[[], None], sizes: Sizes) -> tuple[float, list[float]]:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a host clock alone would time the launches)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_device_mib(device: str, reset: bool = False) -> float:
+    """CUDA: the most memory the caching allocator held for tensors since the last reset; 0 on the CPU."""
+    if torch.device(device).type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / MIB
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def train_images_per_s(step: Callable[[], None], sizes: Sizes, device: str = "cpu") -> tuple[float, list[float]]:
     """Median images/s over timed windows of training steps, after `warmup` untimed steps."""
     for _ in range(sizes.warmup):
         step()
     rates = []
     for _ in range(sizes.windows):
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(sizes.steps_per_window):
             step()
+        synchronize(device)
         rates.append(sizes.steps_per_window * sizes.batch / (time.perf_counter() - start))
     return statistics.median(rates), rates
 
 
 def sample_images_per_s(sample: Callable[[], torch.Tensor], forward: Callable[[], None],
-                        sizes: Sizes) -> tuple[float, list[float]]:
+                        sizes: Sizes, device: str = "cpu") -> tuple[float, list[float]]:
     """Median images/s over whole sampling runs, after one untimed network evaluation."""
     forward()
     rates = []
     for _ in range(sizes.sample_repeats):
+        synchronize(device)
         start = time.perf_counter()
         images = sample()
+        synchronize(device)
         rates.append(len(images) / (time.perf_counter() - start))
     return statistics.median(rates), rates
 
@@ -112,21 +132,28 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak(threads: int, n: int, seconds: float = 2.0) -> dict:
+def matmul_peak(threads: int, n: int, seconds: float = 2.0, device: str = "cpu") -> dict:
     """GFLOP/s of an n x n @ n x n matmul in fp32 and bf16 (the best of repeated runs)."""
     set_threads(threads)
     out = {"n": n}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
         a @ b  # warm-up: thread pool, kernel selection
         best, spent = 0.0, 0.0
         while spent < seconds or best == 0.0:
+            synchronize(device)
             start = time.perf_counter()
             a @ b
+            synchronize(device)
             elapsed = time.perf_counter() - start
             best, spent = max(best, 2 * n**3 / elapsed / 1e9), spent + elapsed
         out[name] = best
     return out
+
+
+def gpu(device: str) -> str:
+    """The GPU's name, or "" for the CPU."""
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
 
 
 def machine(threads: int) -> dict:

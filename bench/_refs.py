@@ -102,8 +102,8 @@ def diffusers_params() -> int:
 
 def lucidrains_workload(images01: torch.Tensor, sampling_steps: int) -> Workload:
     """Training: GaussianDiffusion's own loss on images in [0, 1], backward, AdamW. Sampling: its
-    DDIM (`sample`)."""
-    diffusion = lucidrains_diffusion(sampling_steps)
+    DDIM (`sample`). Runs on the device of `images01`."""
+    diffusion = lucidrains_diffusion(sampling_steps).to(images01.device)
     optimizer = torch.optim.AdamW(diffusion.parameters(), lr=1e-4)
     batch = len(images01)
 
@@ -115,7 +115,7 @@ def lucidrains_workload(images01: torch.Tensor, sampling_steps: int) -> Workload
 
     def forward():
         with torch.inference_mode():
-            diffusion.model(torch.randn_like(images01), torch.full((batch,), 500, dtype=torch.long))
+            diffusion.model(torch.randn_like(images01), torch.full((batch,), 500, device=images01.device))
 
     def sample():
         return diffusion.sample(batch_size=batch)
@@ -130,10 +130,11 @@ def lucidrains_workload(images01: torch.Tensor, sampling_steps: int) -> Workload
 
 def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
     """Training: the diffusers training-example loop (DDPMScheduler.add_noise, MSE on the noise,
-    AdamW) on images in [-1, 1]. Sampling: DDIMScheduler (its defaults) over the UNet, eta 0."""
+    AdamW) on images in [-1, 1]. Sampling: DDIMScheduler (its defaults) over the UNet, eta 0. Runs on
+    the device of `images`."""
     install_torchvision_stand_in()
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-    unet = UNet2DModel(**DIFFUSERS_UNET)
+    unet = UNet2DModel(**DIFFUSERS_UNET).to(images.device)
     train_scheduler, sample_scheduler = DDPMScheduler(), DDIMScheduler()
     T = train_scheduler.config.num_train_timesteps
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -141,7 +142,7 @@ def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
 
     def train_step():
         noise = torch.randn_like(images)
-        t = torch.randint(0, T, (batch,), dtype=torch.long)
+        t = torch.randint(0, T, (batch,), device=images.device)
         noisy = train_scheduler.add_noise(images, noise, t)
         loss = torch.nn.functional.mse_loss(unet(noisy, t).sample, noise)
         loss.backward()
@@ -150,7 +151,7 @@ def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
 
     def forward():
         with torch.inference_mode():
-            unet(torch.randn_like(images), torch.full((batch,), 500, dtype=torch.long))
+            unet(torch.randn_like(images), torch.full((batch,), 500, device=images.device))
 
     @torch.inference_mode()
     def sample():

@@ -38,13 +38,13 @@ REFERENCES = {  # the reference's width multipliers and the sizes where it has f
 # ---- ddpmkit ----------------------------------------------------------------------------------
 
 
-def ddpmkit_config(model: dict, conditional: bool, precision: str, sizes: Sizes):
-    """A RunConfig with the defaults except the model overrides, batch, precision and sampling steps."""
+def ddpmkit_config(model: dict, conditional: bool, precision: str, sizes: Sizes, compile: bool = False):
+    """A RunConfig with the defaults except the model overrides, batch, precision, compile and sampling steps."""
     from ddpmkit.config import RunConfig, apply_overrides
     from ddpmkit.data import DATASETS
     config = apply_overrides(RunConfig(), {
         "model": model, "data": {"conditional": conditional},
-        "train": {"batch_size": sizes.batch, "precision": precision},
+        "train": {"batch_size": sizes.batch, "precision": precision, "compile": compile},
         "sample": {"steps": sizes.sample_steps, "precision": precision}})
     info = DATASETS["fashion-mnist"]
     config.in_channels, config.image_size = info.channels, info.image_size
@@ -92,15 +92,18 @@ def synthetic_data(n: int):
     return ImageData(synthetic_images(n), torch.arange(n) % 10, DATASETS["fashion-mnist"])
 
 
-def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Sizes) -> Workload:
+def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Sizes, device: str = "cpu",
+                     compile: bool = False) -> Workload:
     """Training: Trainer.train_step as `ddpmkit train` runs it (autocast, clipping, EMA update).
     Sampling: sampling.generate with the run's default sampler (DDIM, eta 0), as `ddpmkit sample`."""
     from ddpmkit.sampling import default_labels, denoiser_for, generate
     from ddpmkit.train import Trainer
-    config = ddpmkit_config(model, conditional, precision, sizes)
-    trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", synthetic_data(4 * sizes.batch))
+    config = ddpmkit_config(model, conditional, precision, sizes, compile)
+    trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", synthetic_data(4 * sizes.batch),
+                      device)
     denoiser = denoiser_for(config, trainer.ema, trainer.schedule)
     labels = default_labels(config, sizes.batch, None)
+    labels = labels if labels is None else labels.to(device)
     shape = (config.in_channels, config.image_size, config.image_size)
 
     def train_step():
@@ -108,15 +111,16 @@ def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Size
         trainer.step += 1
 
     def sample():
-        return generate(denoiser, sizes.batch, shape, labels=labels, settings=config.sample, batch_size=sizes.batch)
+        return generate(denoiser, sizes.batch, shape, labels=labels, settings=config.sample, batch_size=sizes.batch,
+                        device=device)
 
     def forward():
-        x = torch.randn(sizes.batch, *shape)
+        x = torch.randn(sizes.batch, *shape, device=device)
         with torch.inference_mode():
             denoiser(x, 500, labels)
 
     info = {"library": "ddpmkit", "model": {**config.model.__dict__}, "conditional": conditional,
-            "precision": precision, "sampler": config.sample.sampler}
+            "precision": precision, "sampler": config.sample.sampler, "compile": compile}
     params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return Workload(params, train_step, sample, forward, info)
 
@@ -125,10 +129,12 @@ def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Size
 
 
 def build(spec: dict, sizes: Sizes) -> Workload:
+    device = spec.get("device", "cpu")
     if spec["impl"] == "ddpmkit":
-        return ddpmkit_workload(spec["model"], spec["conditional"], spec["precision"], sizes)
+        return ddpmkit_workload(spec["model"], spec["conditional"], spec["precision"], sizes, device,
+                                spec.get("compile", False))
     import _refs  # the reference rows import no ddpmkit: their memory is their own
-    images = synthetic_images(sizes.batch)
+    images = synthetic_images(sizes.batch).to(device)
     if spec["impl"] == "lucidrains":
         return _refs.lucidrains_workload(images.float() / 255, sizes.sample_steps)
     return _refs.diffusers_workload(images.float() / 127.5 - 1, sizes.sample_steps)
@@ -139,16 +145,18 @@ def worker(spec: dict) -> dict:
     _measure.set_threads(spec["threads"])
     if spec["impl"] == "baseline":
         return {"rss_mib": _measure.peak_rss_mib()}
+    device = spec.get("device", "cpu")
     if spec["impl"] == "peak":
-        return _measure.matmul_peak(spec["threads"], spec["n"], spec["seconds"])
+        return _measure.matmul_peak(spec["threads"], spec["n"], spec["seconds"], device)
     sizes = Sizes(**spec["sizes"])
     workload = build(spec, sizes)
     rss_built = _measure.peak_rss_mib()
-    sample_rate, sample_rates = _measure.sample_images_per_s(workload.sample, workload.forward, sizes)
-    rss_sample = _measure.peak_rss_mib()
-    train_rate, train_rates = _measure.train_images_per_s(workload.train_step, sizes)
-    rss_train = _measure.peak_rss_mib()
-    return {"params": workload.params, "info": workload.info,
+    _measure.peak_device_mib(device, reset=True)
+    sample_rate, sample_rates = _measure.sample_images_per_s(workload.sample, workload.forward, sizes, device)
+    rss_sample, gpu_sample = _measure.peak_rss_mib(), _measure.peak_device_mib(device, reset=True)
+    train_rate, train_rates = _measure.train_images_per_s(workload.train_step, sizes, device)
+    rss_train, gpu_train = _measure.peak_rss_mib(), _measure.peak_device_mib(device)
+    return {"params": workload.params, "info": workload.info, "gpu_sample_mib": gpu_sample, "gpu_train_mib": gpu_train,
             "train_images_per_s": train_rate, "train_windows": train_rates,
             "sample_images_per_s": sample_rate, "sample_runs": sample_rates,
             "rss_built_mib": rss_built, "rss_sample_mib": rss_sample, "rss_train_mib": rss_train,
@@ -170,8 +178,8 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 # ---- the plan and the report ------------------------------------------------------------------
 
 
-def plan(references: list[str], default_model: dict) -> list[dict]:
-    """Rows: each reference, ddpmkit matched to it (auto and fp32), ddpmkit's default model."""
+def plan(references: list[str], default_model: dict, compile: bool = False) -> list[dict]:
+    """Rows: each reference, ddpmkit matched to it (auto and fp32), ddpmkit's default model (and compiled)."""
     import _refs
     counts = {"lucidrains": _refs.lucidrains_params, "diffusers": _refs.diffusers_params}
     rows = []
@@ -184,14 +192,18 @@ def plan(references: list[str], default_model: dict) -> list[dict]:
     for precision in ("auto", "fp32"):
         rows.append({"name": "ddpmkit default", "impl": "ddpmkit", "model": default_model,
                      "conditional": True, "precision": precision})
+    if compile:
+        rows.append({"name": "ddpmkit default --compile", "impl": "ddpmkit", "model": default_model,
+                     "conditional": True, "precision": "auto", "compile": True})
     return rows
 
 
-def measure(rows: list[dict], sizes: Sizes, threads: int, quick: bool) -> dict:
+def measure(rows: list[dict], sizes: Sizes, threads: int, quick: bool, device: str = "cpu") -> dict:
     """Run the baseline, the matmul peak and every row, each in its own process; collect the records."""
-    base = {"threads": threads}
+    base = {"threads": threads, "device": device}
     baseline = run_worker({**base, "impl": "baseline"})["rss_mib"]
-    peak = run_worker({**base, "impl": "peak", "n": 512 if quick else 2048, "seconds": 0.5 if quick else 3.0})
+    n = (512 if quick else 2048) * (4 if device.startswith("cuda") else 1)
+    peak = run_worker({**base, "impl": "peak", "n": n, "seconds": 0.5 if quick else 3.0})
     records = []
     for row in rows:
         print(f"measuring {row['name']} ({row['precision']}) ...", file=sys.stderr, flush=True)
@@ -201,14 +213,14 @@ def measure(rows: list[dict], sizes: Sizes, threads: int, quick: bool) -> dict:
                         "sample_mib": record["rss_sample_mib"] - baseline,
                         "built_mib": record["rss_built_mib"] - baseline})
     for r in records:
-        _add_derived(r, records, peak)
+        _add_derived(r, records, peak, device)
     return {"idle_torch_rss_mib": baseline, "matmul_peak_gflops": peak, "rows": records}
 
 
-def _add_derived(r: dict, records: list[dict], peak: dict) -> None:
+def _add_derived(r: dict, records: list[dict], peak: dict, device: str = "cpu") -> None:
     """Achieved GFLOP/s against the matmul peak of the row's precision; ratios to its reference."""
     from ddpmkit.precision import resolve_precision
-    r["resolved_precision"] = resolve_precision(r["precision"], "cpu")
+    r["resolved_precision"] = resolve_precision(r["precision"], device)
     steps_per_s = r["train_images_per_s"] / r["batch"]
     r["train_gflops"] = r["train_step_flops"] * steps_per_s / 1e9
     r["train_peak_fraction"] = r["train_gflops"] / peak[r["resolved_precision"]]
@@ -217,7 +229,8 @@ def _add_derived(r: dict, records: list[dict], peak: dict) -> None:
     r["sample_peak_fraction"] = r["sample_gflops"] / peak[r["resolved_precision"]]
     ref = next((x for x in records if x["impl"] == r.get("matched_to")), None)
     if ref is not None:
-        keys = ("train_images_per_s", "sample_images_per_s", "train_mib", "sample_mib")
+        keys = ("train_images_per_s", "sample_images_per_s", "train_mib", "sample_mib",
+                "gpu_train_mib", "gpu_sample_mib")
         r["ratio"] = {k: r[k] / ref[k] if ref[k] > 0 else None for k in keys}
 
 
@@ -229,17 +242,21 @@ def _fmt_ratio(r: dict, key: str) -> str:
 def table(result: dict) -> str:
     """The markdown report: machine and versions, the matched configurations, the measurements."""
     m, peak = result["machine"], result["matmul_peak_gflops"]
+    on_gpu = bool(m.get("gpu"))
+    mem = "gpu_" if on_gpu else ""  # CUDA: peak allocated GPU memory; CPU: peak resident memory
     lines = [f"# Speed, {result['date']}", "", f"Command: `{result['command']}`", "",
              *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
-             f"(AVX-512 BF16: {m['avx512_bf16']}, AMX: {m['amx_bf16']}). "
+             (f"Device: {m['gpu']} (CUDA; host {m['cpu']}, torch {m['torch']}). " if on_gpu else
+              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
+              f"(AVX-512 BF16: {m['avx512_bf16']}, AMX: {m['amx_bf16']}). ") +
              f"Matmul peak ({peak['n']}x{peak['n']}): fp32 {peak['fp32']:.1f} GFLOP/s, "
              f"bf16 {peak['bf16']:.1f} GFLOP/s.",
              "", "References: " + (", ".join(f"{k} {v}" for k, v in result["references"].items()) or "none"),
              *[f"Skipped {k}: {v}" for k, v in result["skipped"].items()], "",
-             f"Batch {result['sizes']['batch']} of 1x28x28; sampling {result['sizes']['sample_steps']} DDIM steps; "
-             f"idle `import torch` process {result['idle_torch_rss_mib']:.0f} MiB "
-             "(subtracted from the memory columns).",
+             f"Batch {result['sizes']['batch']} of 1x28x28; sampling {result['sizes']['sample_steps']} DDIM steps; " +
+             ("memory columns: peak GPU memory allocated." if on_gpu else
+              f"idle `import torch` process {result['idle_torch_rss_mib']:.0f} MiB "
+              "(subtracted from the memory columns)."),
              "", "| row | precision | params | train img/s | vs ref | sample img/s | vs ref | train MiB | sample MiB "
              "| train GFLOP/s (% peak) | sample GFLOP/s (% peak) |", "|" + "---|" * 11]
     for r in result["rows"]:
@@ -247,7 +264,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {r['name']} | {precision} | {r['params'] / 1e6:.3f}M | {r['train_images_per_s']:.1f} | "
             f"{_fmt_ratio(r, 'train_images_per_s')} | {r['sample_images_per_s']:.2f} | "
-            f"{_fmt_ratio(r, 'sample_images_per_s')} | {r['train_mib']:.0f} | {r['sample_mib']:.0f} | "
+            f"{_fmt_ratio(r, 'sample_images_per_s')} | {r[mem + 'train_mib']:.0f} | {r[mem + 'sample_mib']:.0f} | "
             f"{r['train_gflops']:.1f} ({100 * r['train_peak_fraction']:.0f}%) | "
             f"{r['sample_gflops']:.1f} ({100 * r['sample_peak_fraction']:.0f}%) |")
     lines += ["", "Matched ddpmkit models (unconditional; other settings are config.ModelConfig defaults):", ""]
@@ -266,18 +283,26 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-references", action="store_true", help="measure the ddpmkit rows only")
     parser.add_argument("--results-dir", help="where speed-<date>.{md,json} go (bench/results; "
                         "bench/_work with --quick)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    parser.add_argument("--batch", type=int, help="images per step and per sampling batch (64)")
+    parser.add_argument("--compile", action="store_true", help="add a row: the default model with --compile")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _measure.emit(worker(json.loads(args.worker)))
         return 0
     machine = _measure.machine(args.threads)  # first: the load average before we add to it
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
+    machine["gpu"] = _measure.gpu(args.device)
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
     import _refs
     from ddpmkit.config import ModelConfig
     from ddpmkit.fileio import atomic_write_text
     sizes = QUICK if args.quick else FULL
+    if args.batch:
+        sizes = sizes._replace(batch=args.batch)
     references, skipped = [], {}
     for ref in ("lucidrains", "diffusers"):
         ok, why = (False, "--skip-references") if args.skip_references else _refs.available(ref)
@@ -291,10 +316,12 @@ def main(argv=None) -> int:
     result = {"date": datetime.date.today().isoformat(), "command": command.strip(), "machine": machine,
               "sizes": sizes._asdict(), "quick": args.quick,
               "references": {ref: _refs.version(ref) for ref in references}, "skipped": skipped}
-    result.update(measure(plan(references, default_model), sizes, args.threads, args.quick))
+    result["device"] = args.device
+    result.update(measure(plan(references, default_model, args.compile), sizes, args.threads, args.quick,
+                          args.device))
     report = table(result)
     out = Path(args.results_dir) if args.results_dir else HERE / ("_work" if args.quick else "results")
-    stem = out / f"speed-{result['date']}"
+    stem = out / f"speed-{result['date']}{'-' + args.device.split(':')[0] if args.device != 'cpu' else ''}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2, default=list) + "\n")
     atomic_write_text(stem.with_suffix(".md"), report)
     print(report)

@@ -79,11 +79,13 @@ BOOL_FLAGS = {
                  "loading them all into memory (automatic when they would not fit)"),
     "--grad-checkpointing": ("train.grad_checkpointing", True, "recompute U-Net activations in the backward "
                              "pass: less memory, about a third more compute"),
+    "--compile": ("train.compile", True, "torch.compile the training network (worth it on GPUs; minutes of "
+                  "compiling, and slower on the CPUs we measured)"),
 }
 # resuming may change these: the budget, logging, and how the same global batch is computed
 RESUMABLE = {"train.steps", "train.epochs", "train.minutes", "train.log_every", "train.sample_every",
              "train.checkpoint_every", "train.keep", "train.on_nan", "train.batch_size", "train.grad_accum",
-             "train.grad_checkpointing", "data.stream", "data.workers"}
+             "train.grad_checkpointing", "train.compile", "data.stream", "data.workers"}
 
 
 class _Parser(argparse.ArgumentParser):
