@@ -64,7 +64,9 @@ def available(name: str) -> tuple[bool, str]:
     """(importable, reason if not) for "lucidrains" or "diffusers"."""
     install_torchvision_stand_in()
     try:
-        importlib.import_module("denoising_diffusion_pytorch" if name == "lucidrains" else "diffusers")
+        module = importlib.import_module("denoising_diffusion_pytorch" if name == "lucidrains" else "diffusers")
+        for cls in ("Unet", "GaussianDiffusion") if name == "lucidrains" else ("UNet2DModel", "DDIMScheduler"):
+            getattr(module, cls)  # diffusers imports lazily: a broken dependency shows only here
     except Exception as e:  # ImportError, or a broken dependency raising something else at import
         return False, f"{DISTRIBUTIONS[name]} is not importable ({type(e).__name__}: {e}); see bench/README.md"
     return True, ""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, on a machine with one CUDA GPU and PyTorch already installed:
 #
-#   bash bench/gpu.sh tests     # the CUDA tests (tests/test_cuda.py) and the --compile tests
+#   bash bench/gpu.sh tests     # the CUDA tests (tests/test_cuda.py)
 #   bash bench/gpu.sh speed     # bench/speed.py --device cuda --batch 256 --compile
 #   bash bench/gpu.sh quality   # --preset fashion-gpu: train STAGES x STAGE_MINUTES, eval after each stage
 #
@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_
 
 case "${1:-}" in
 tests)
-    $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compile.py 2>&1 | tee "$OUT/tests.log"
+    $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.log"
     ;;
 speed)
     $PY bench/speed.py --device "$DEVICE" --batch "${BATCH:-256}" --compile --results-dir "$OUT" 2>&1 |

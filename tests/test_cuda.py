@@ -55,7 +55,8 @@ def test_cuda_sampling_matches_the_cpu_in_fp32():
     labels = torch.tensor([0, 1, 0, 1])
     on_cpu = generate(denoiser_for(config, net), 4, (1, 8, 8), labels=labels, settings=config.sample)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    on_gpu = generate(denoiser_for(config, net.cuda()), 4, (1, 8, 8), labels=labels.cuda(), settings=config.sample,
-                      device="cuda")
-    assert on_gpu.device.type == "cuda"
+    devices = []
+    net.cuda().register_forward_hook(lambda module, args, out: devices.append(out.device.type))
+    on_gpu = generate(denoiser_for(config, net), 4, (1, 8, 8), labels=labels, settings=config.sample, device="cuda")
+    assert devices == ["cuda"] * config.sample.steps and on_gpu.device.type == "cpu"  # images come back to the host
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)

@@ -176,8 +176,11 @@ class Trainer:
 
     def save(self) -> None:
         """Metrics first, then the checkpoint: a kill in between leaves rows past the checkpoint,
-        which resume() drops, rather than a gap. A step already saved is not saved again."""
-        if self._saved_step == self.step:
+        which resume() drops, rather than a gap. A step already saved is not saved again (its
+        metrics are rewritten: a signal can stop the loop after the save and before the log line)."""
+        if self._saved_step == self.step:  # a log line may have come after this step's checkpoint
+            if self.dist.rank == 0:
+                self._write_metrics()
             return
         if self.dist.rank == 0:
             self._write_metrics()
