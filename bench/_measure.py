@@ -174,7 +174,7 @@ def busy_warning(info: dict) -> str:
     """A sentence when other work was running: with every core in use, OpenMP threads wait on each other
     at every operator, and a 2-thread step can take 20x longer than on a quiet machine."""
     load = info.get("load_average_at_start", 0.0)
-    if load < 0.5:
+    if load < 0.25 * (info.get("cores") or 2):  # 0.5 on this project's 2 cores
         return ""
     return (f"WARNING: the machine was busy (1-minute load average {load:.1f} on {info['cores']} cores); "
             "these figures are not representative.")

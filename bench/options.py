@@ -1,0 +1,151 @@
+"""Seed 003's model options at equal wall-clock time: throughput and domain FD with and without each.
+
+    python bench/options.py --minutes 3 --n 500     # writes bench/results/options-<date>.{md,json}
+
+Every row is `ddpmkit train --dataset fashion-mnist --minutes M` with the default recipe plus one
+option, run one after another on the same machine, then `ddpmkit eval --n N` (the run's default
+sampler: DDIM, 50 steps; domain metrics only). Training images/s is the median of the run's logged
+windows after the first. A first section times one attention layer, full against linear, at 28x28
+and 32x32 (forward + backward, the batch and widths of the default model's first level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import _measure
+
+HERE = Path(__file__).resolve().parent
+ROWS = {  # name -> the flags added to the default recipe
+    "default": [],
+    "--self-condition": ["--self-condition"],
+    "linear attention at 28, 14, 7 (full in the mid block)": ["--attn-resolutions", "28,14,7", "--attn-type", "linear"],
+    "--time-embedding learned": ["--time-embedding", "learned"],
+    "--time-embedding random_fourier": ["--time-embedding", "random_fourier"],
+    "--preset seed-003 (the seed's layout)": ["--preset", "seed-003"],
+}
+
+
+def attention_timing(threads: int, batch: int = 64, repeats: int = 5) -> list[dict]:
+    """Seconds of forward + backward through one Attention2d, full and linear, at 28x28 and 32x32."""
+    from ddpmkit.models.layers import Attention2d
+    torch.set_num_threads(threads)
+    out = []
+    for size in (28, 32):
+        for channels in (32, 64):
+            x = torch.randn(batch, channels, size, size, requires_grad=True)
+            row = {"size": size, "channels": channels, "batch": batch}
+            for kind in ("full", "linear"):
+                layer = Attention2d(channels, num_heads=4, kind=kind)
+                layer(x).sum().backward()  # warm-up
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    layer(x).sum().backward()
+                    times.append(time.perf_counter() - start)
+                row[f"{kind}_ms"] = 1000 * statistics.median(times)
+            row["speedup"] = row["full_ms"] / row["linear_ms"]
+            out.append(row)
+    return out
+
+
+def run_row(name: str, flags: list[str], args, work: Path) -> dict:
+    from ddpmkit import checkpoint
+    run, env = work / f"run-{len(list(work.iterdir()))}", {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+                                                         "TQDM_DISABLE": "1"}
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    cli = [sys.executable, "-m", "ddpmkit"]
+    print(f"$ ddpmkit train {' '.join(flags)} --minutes {args.minutes}", file=sys.stderr, flush=True)
+    subprocess.run([*cli, "train", "--dataset", "fashion-mnist", *flags, "--minutes", str(args.minutes),
+                    "--out", str(run), "--no-progress", "--seed", str(args.seed), *data], env=env, check=True)
+    report = work / f"{run.name}-eval.json"
+    subprocess.run([*cli, "eval", str(run), "--n", str(args.n), "--nll-n", "0", "--inception", "off",
+                    "--no-progress", "--out", str(report)], env=env, check=True, stdout=subprocess.DEVNULL)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = checkpoint.load_config(run)
+    from ddpmkit.train import build_net
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_net(config).parameters())
+    domain = json.loads(report.read_text())["results"]["domain"]
+    return {"name": name, "flags": flags, "params": params, "steps": metrics[-1]["step"],
+            "train_images_per_s": statistics.median(m["images_per_s"] for m in metrics[1:] or metrics),
+            "fd_dom": domain["fd_dom"], "conditional_accuracy": domain["conditional_accuracy"],
+            "precision": domain["precision"], "recall": domain["recall"]}
+
+
+def report(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# Model options at equal time, {result['date']}", "", f"Command: `{result['command']}`", "",
+             *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['threads']} threads. "
+             f"Fashion-MNIST, {result['minutes']:g} training minutes per row, {result['n']} samples "
+             "(DDIM 50) scored with the domain metrics.", "",
+             "| option | params | train img/s | vs default | steps | FD_dom | vs default | cond. accuracy "
+             "| precision | recall |", "|" + "---|" * 10]
+    base = result["rows"][0]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_images_per_s']:.0f} | "
+                     f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['steps']} | "
+                     f"{r['fd_dom']:.1f} | {r['fd_dom'] / base['fd_dom']:.2f}x | {r['conditional_accuracy']:.3f} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} |")
+    lines += ["", "One attention layer, forward + backward (4 heads, batch "
+              f"{result['attention'][0]['batch']}), median ms:", "",
+              "| size | channels | full | linear | full / linear |", "|---|---|---|---|---|"]
+    for a in result["attention"]:
+        lines.append(f"| {a['size']}x{a['size']} | {a['channels']} | {a['full_ms']:.1f} | {a['linear_ms']:.1f} | "
+                     f"{a['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Seed 003's options at equal time: throughput and domain FD.")
+    p.add_argument("--minutes", type=float, default=3.0, help="training minutes per row (3)")
+    p.add_argument("--n", type=int, default=500, help="samples scored per row (500)")
+    p.add_argument("--rows", help="comma-separated row numbers to run (all); 0 is the default recipe")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    p.add_argument("--data-dir", help="where the dataset files are (else ddpmkit's usual places)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=str(HERE / "_work"), help="work directory (bench/_work)")
+    p.add_argument("--results-dir", default=str(HERE / "results"), help="where options-<date>.{md,json} go")
+    args = p.parse_args(argv)
+    if args.minutes <= 0 or args.n < 2:
+        p.error("--minutes must be > 0 and --n >= 2")
+    from ddpmkit.fileio import atomic_write_text
+    machine = _measure.machine(args.threads)
+    if _measure.busy_warning(machine):
+        print(_measure.busy_warning(machine), file=sys.stderr)
+    names = list(ROWS)
+    chosen = [names[int(i)] for i in args.rows.split(",")] if args.rows else names
+    date = datetime.date.today().isoformat()
+    work = Path(args.out_dir) / f"options-{date}-{os.getpid()}"
+    work.mkdir(parents=True)
+    try:
+        attention = attention_timing(args.threads)
+        rows = [run_row(name, ROWS[name], args, work) for name in chosen]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = "python bench/options.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"date": date, "command": command.strip(), "machine": machine, "threads": args.threads,
+              "minutes": args.minutes, "n": args.n, "seed": args.seed, "attention": attention, "rows": rows}
+    text = report(result)
+    stem = Path(args.results_dir) / f"options-{date}"
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), text)
+    print(text)
+    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
