@@ -71,7 +71,6 @@ def load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def run_ddpmkit(args, work: Path) -> dict:
     """Train with the default recipe for --minutes, then draw n samples with the run's defaults."""
-    from ddpmkit import checkpoint
     run = work / "ddpmkit"
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     cli, seed = [sys.executable, "-m", "ddpmkit"], ["--seed", str(args.seed)]
@@ -80,10 +79,17 @@ def run_ddpmkit(args, work: Path) -> dict:
     samples = work / "ddpmkit-samples.npz"
     sample_s = _run([*cli, "sample", str(run), "--n", str(args.n), *seed, "--batch-size", str(SAMPLE_BATCH),
                      "--npz", str(samples), "--out", str(work / "ddpmkit-samples.png")], args.threads)
+    return {**ddpmkit_record(work), "train_process_s": train_s, "sample_process_s": sample_s}
+
+
+def ddpmkit_record(work: Path) -> dict:
+    """What the ddpmkit run in `work` trained (read back from its run directory) and its samples."""
+    from ddpmkit import checkpoint
+    run, samples = work / "ddpmkit", work / "ddpmkit-samples.npz"
     config = checkpoint.load_config(run)
     steps = json.loads((checkpoint.latest_checkpoint(run) / "state.json").read_text())["step"]
     return {"steps": steps, "images_seen": steps * config.train.batch_size * config.train.grad_accum,
-            "train_process_s": train_s, "sample_process_s": sample_s, "samples": str(samples),
+            "samples": str(samples),
             "recipe": {"model": dict(config.model.__dict__), "diffusion": dict(config.diffusion.__dict__),
                        "train": dict(config.train.__dict__), "sample": dict(config.sample.__dict__),
                        "conditional": config.data.conditional}}
@@ -97,6 +103,15 @@ def run_lucidrains(args, work: Path) -> dict:
     print("$ " + " ".join(cmd[:3]) + " ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=_env(args.threads), stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _lucidrains_record(work: Path) -> dict:
+    """--score-only: the lucidrains worker's record beside its samples (older runs wrote none)."""
+    samples = work / "lucidrains-samples.npz"
+    info = samples.with_suffix(".json")
+    if info.is_file():
+        return json.loads(info.read_text())
+    return {"samples": str(samples), "note": "its steps and timings were not recorded by this run"}
 
 
 def lucidrains_worker(spec: dict) -> dict:
@@ -114,12 +129,15 @@ def lucidrains_worker(spec: dict) -> dict:
         samples01 = _refs.sample_lucidrains(diffusion, spec["n"], SAMPLE_BATCH, seed=spec["seed"])
     sample_s = time.monotonic() - start
     save_npz(Path(spec["out"]), samples01 * 2 - 1, None)
-    return {"steps": steps, "images_seen": seen, "train_loop_s": seconds, "sample_s": sample_s,
+    record = {"steps": steps, "images_seen": seen, "train_loop_s": seconds, "sample_s": sample_s,
             "samples": spec["out"], "version": _refs.version("lucidrains"),
             "recipe": {"unet": _refs.LUCIDRAINS_UNET, "trainer": _refs.LUCIDRAINS_TRAINER,
                        "diffusion": {"timesteps": diffusion.num_timesteps, "objective": diffusion.objective,
                                      "sampling_timesteps": diffusion.sampling_timesteps},
                        "params": _refs.count(diffusion.model)}}
+    from ddpmkit.fileio import atomic_write_text
+    atomic_write_text(Path(spec["out"]).with_suffix(".json"), json.dumps(record, indent=2) + "\n")  # for --score-only
+    return record
 
 
 # ---- scoring and the report -----------------------------------------------------------------------
@@ -137,10 +155,10 @@ def score_all(args, contestants: dict) -> dict:
     for name, c in contestants.items():
         if "samples" in c:
             images, labels = load_npz(Path(c["samples"]))
-            scores[name] = metrics.score(images, labels, seed=args.seed)
+            scores[name] = metrics.score(images, labels)
     train = load_dataset(args.dataset, "train", args.data_dir)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    scores["floor"] = metrics.score(to_model_range(train.images[pick]), train.labels[pick], seed=args.seed)
+    scores["floor"] = metrics.score(to_model_range(train.images[pick]), train.labels[pick])
     return scores
 
 
@@ -154,6 +172,8 @@ def report(result: dict) -> str:
              "ddpmkit.domain.DomainMetrics against the test set's features.", "",
              "| | minutes | steps | images seen | FD_dom | vs ref | precision | recall | class entropy "
              "| cond. accuracy |", "|" + "---|" * 10]
+    if result["machine"].get("note"):
+        lines[-2:-2] = [f"Note: {result['machine']['note']}.", ""]
     ref = s.get("lucidrains", {}).get("fd_dom")
     for name in ("ddpmkit", "lucidrains", "floor"):
         if name not in s:
@@ -175,6 +195,8 @@ def report(result: dict) -> str:
     for name, info in c.items():
         if "skipped" in info:
             lines.append(f"\nSkipped {name}: {info['skipped']}")
+        if "note" in info:
+            lines.append(f"\n{name}: {info['note']}.")
     lines += ["", "ddpmkit: `ddpmkit train` defaults (class-conditional), samples from `ddpmkit sample` "
               "(run's default sampler; classes balanced).",
               "lucidrains: Unet(dim=32, dim_mults=(1, 2, 4), channels=1) in GaussianDiffusion (its defaults), "
@@ -193,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="fashion-mnist", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help="where the dataset files are (else ddpmkit's usual places)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-only", metavar="WORK_DIR", help="score the samples a --keep-runs run left in WORK_DIR "
+                   "(bench/_work/quality-*) instead of training again")
     p.add_argument("--lucidrains-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.lucidrains_worker:
@@ -203,13 +227,22 @@ def main(argv=None) -> int:
     from ddpmkit.fileio import atomic_write_text
     torch.set_num_threads(args.threads)
     machine = _measure.machine(args.threads)
+    if args.score_only:  # the training ran earlier: today's load says nothing about it
+        machine["load_average_at_start"] = 0.0
+        machine["note"] = (f"scored afterwards with --score-only from the samples in {args.score_only}; "
+                           "the load while they trained was not recorded by this command")
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
     date = datetime.date.today().isoformat()
-    work = Path(args.out_dir) / f"quality-{date}-{os.getpid()}"
-    work.mkdir(parents=True)
+    work = Path(args.score_only) if args.score_only else Path(args.out_dir) / f"quality-{date}-{os.getpid()}"
+    if args.score_only:
+        args.keep_runs = True
+        contestants = {"ddpmkit": ddpmkit_record(work), "lucidrains": _lucidrains_record(work)}
+    else:
+        work.mkdir(parents=True)
     try:
-        contestants = {"ddpmkit": run_ddpmkit(args, work), "lucidrains": run_lucidrains(args, work)}
+        if not args.score_only:
+            contestants = {"ddpmkit": run_ddpmkit(args, work), "lucidrains": run_lucidrains(args, work)}
         if "skipped" in contestants["lucidrains"]:
             print(f"skipping lucidrains: {contestants['lucidrains']['skipped']}", file=sys.stderr)
         command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
