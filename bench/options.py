@@ -93,7 +93,7 @@ def report(result: dict) -> str:
              "(DDIM 50) scored with the domain metrics.", "",
              "| option | params | train img/s | vs default | steps | FD_dom | vs default | cond. accuracy "
              "| precision | recall |", "|" + "---|" * 10]
-    base = result["rows"][0]
+    base = result["rows"][0]  # the first row run (the default recipe unless --rows leaves it out)
     for r in result["rows"]:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_images_per_s']:.0f} | "
                      f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['steps']} | "
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     result = {"date": date, "command": command.strip(), "machine": machine, "threads": args.threads,
               "minutes": args.minutes, "n": args.n, "seed": args.seed, "attention": attention, "rows": rows}
     text = report(result)
-    stem = Path(args.results_dir) / f"options-{date}"
+    suffix = "-rows-" + "-".join(args.rows.split(",")) if args.rows else ""
+    stem = Path(args.results_dir) / f"options-{date}{suffix}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     atomic_write_text(stem.with_suffix(".md"), text)
     print(text)

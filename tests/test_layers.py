@@ -78,12 +78,13 @@ def test_sinusoidal_embedding_rejects_an_odd_dim():
 
 @pytest.mark.parametrize("random", [False, True])
 def test_learned_sinusoidal_embedding_is_t_then_fourier_features(random):
-    layer = LearnedSinusoidalEmbedding(6, random=random)
+    layer = LearnedSinusoidalEmbedding(6, random=random, T=50)
     t = torch.tensor([3.0, 40.0])
     emb = layer(t)
-    angles = 2 * math.pi * t[:, None] * layer.weights[None]
+    s = t[:, None] / 50  # the features see s = t / T in [0, 1]
+    angles = 2 * math.pi * s * layer.weights[None]
     assert emb.shape == (2, 7) and layer.out_dim == 7
-    torch.testing.assert_close(emb, torch.cat([t[:, None], angles.sin(), angles.cos()], dim=1))
+    torch.testing.assert_close(emb, torch.cat([s, angles.sin(), angles.cos()], dim=1))
     assert len(list(layer.parameters())) == (0 if random else 1)
     assert "weights" in layer.state_dict()
 
@@ -236,3 +237,13 @@ def test_resampling_rejects_unknown_kinds():
         Downsample(4, 4, "pool")
     with pytest.raises(DdpmkitError, match="upsample"):
         Upsample(4, 4, "bilinear")
+
+
+def test_unet_fourier_embedding_scales_t_by_the_runs_T():
+    from ddpmkit.config import RunConfig, apply_overrides
+    from ddpmkit.train import build_net
+    config = apply_overrides(RunConfig(), {"model": {"time_embedding": "learned"}, "diffusion": {"timesteps": 400}})
+    config.num_classes = 10
+    features = build_net(config).time_embed[0]
+    assert features.T == 400
+    assert float(features(torch.tensor([400]))[0, 0]) == 1.0  # t = T -> s = 1

@@ -150,6 +150,8 @@ def model_kwargs(config: RunConfig) -> dict:
     kwargs.update(in_channels=config.in_channels, image_size=config.image_size,
                   num_classes=config.num_classes if config.data.conditional else 0,
                   learn_sigma=config.diffusion.learn_sigma, self_condition=m.self_condition)
+    if m.arch == "unet":  # Fourier step embeddings see t / T
+        kwargs["timesteps"] = config.diffusion.timesteps
     return kwargs
 
 

@@ -51,12 +51,13 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class LearnedSinusoidalEmbedding(nn.Module):
-    """Fourier features [t, sin(2 pi w t), cos(2 pi w t)], w ~ N(0, 1) learned or fixed (random).
-
-    As lucidrains' RandomOrLearnedSinusoidalPosEmb; the output has dim + 1 features.
+    """Fourier features [s, sin(2 pi w s), cos(2 pi w s)] of s = t / T, w ~ N(0, 1) learned or
+    fixed (random). As lucidrains' RandomOrLearnedSinusoidalPosEmb, which its continuous-time models
+    feed with s in [0, 1]: on the integer steps t themselves, w t would alias (one cycle per ~1/w
+    steps) and the raw feature t ~ 1000 would swamp the class embedding. Output: dim + 1 features.
     """
 
-    def __init__(self, dim: int, random: bool = False):
+    def __init__(self, dim: int, random: bool = False, T: int = 1):
         super().__init__()
         require(dim >= 2 and dim % 2 == 0, f"a Fourier embedding needs an even dim, got {dim}.")
         weights = torch.randn(dim // 2)
@@ -64,11 +65,11 @@ class LearnedSinusoidalEmbedding(nn.Module):
             self.register_buffer("weights", weights)
         else:
             self.weights = nn.Parameter(weights)
-        self.out_dim = dim + 1
+        self.out_dim, self.T = dim + 1, T
 
     def forward(self, t: Tensor) -> Tensor:
-        t = t[:, None].to(self.weights.dtype)
-        angles = 2 * math.pi * t * self.weights  # 2 pi w t
+        t = t[:, None].to(self.weights.dtype) / self.T  # s = t / T in [0, 1]
+        angles = 2 * math.pi * t * self.weights  # 2 pi w s
         return torch.cat([t, angles.sin(), angles.cos()], dim=-1)
 
 
@@ -78,12 +79,12 @@ TIME_EMBEDDINGS = ("sinusoidal", "learned", "random_fourier")
 class TimestepEmbedder(nn.Sequential):
     """t -> Fourier features -> Linear -> SiLU -> Linear: the DDPM time embedding [B, emb_dim]."""
 
-    def __init__(self, freq_dim: int, emb_dim: int, kind: str = "sinusoidal"):
+    def __init__(self, freq_dim: int, emb_dim: int, kind: str = "sinusoidal", T: int = 1000):
         check_choice(kind, TIME_EMBEDDINGS, "time embedding")
         if kind == "sinusoidal":
             features = SinusoidalEmbedding(freq_dim)
         else:
-            features = LearnedSinusoidalEmbedding(freq_dim, random=kind == "random_fourier")
+            features = LearnedSinusoidalEmbedding(freq_dim, random=kind == "random_fourier", T=T)
         super().__init__(
             features, nn.Linear(features.out_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )

@@ -51,6 +51,7 @@ def validate(c: dict) -> None:
         "num_res_blocks",
         "num_heads",
         "groups",
+        "timesteps",
     ):
         require(c[name] >= 1, f"{name} must be a positive integer, got {c[name]}.")
     mults, size, heads = c["channel_mults"], c["image_size"], c["num_heads"]
@@ -123,6 +124,7 @@ class UNet(nn.Module):
         upsample: str = "transposed",
         init_conv_kernel: int = 3,
         final_res_block: bool = False,
+        timesteps: int = 1000,
     ):
         super().__init__()
         self.config = dict(
@@ -144,6 +146,7 @@ class UNet(nn.Module):
             upsample=upsample,
             init_conv_kernel=init_conv_kernel,
             final_res_block=final_res_block,
+            timesteps=timesteps,
         )
         validate(self.config)
         self._build()
@@ -152,7 +155,7 @@ class UNet(nn.Module):
         c = self.config
         base, groups = c["base_channels"], c["groups"]
         self.emb_dim = 4 * base
-        self.time_embed = TimestepEmbedder(base, self.emb_dim, c["time_embedding"])
+        self.time_embed = TimestepEmbedder(base, self.emb_dim, c["time_embedding"], c["timesteps"])
         self.class_embed = (
             ClassEmbedding(c["num_classes"], self.emb_dim) if c["num_classes"] else None
         )
