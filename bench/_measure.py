@@ -180,6 +180,17 @@ def busy_warning(info: dict) -> str:
             "these figures are not representative.")
 
 
+def write_report(stem, result: dict, text: str) -> None:
+    """STEM.json (the full record) and STEM.md (the table), each written atomically; the table on stdout."""
+    from pathlib import Path
+    from ddpmkit.fileio import atomic_write_text
+    stem = Path(stem)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2, default=list) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), text)
+    print(text)
+    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+
+
 def emit(record: dict) -> None:
     """A worker's result: one JSON line on stdout, marked so that library chatter cannot be mistaken for it."""
     print("BENCH-RESULT " + json.dumps(record), flush=True)

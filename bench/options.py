@@ -121,7 +121,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.n < 2:
         p.error("--minutes must be > 0 and --n >= 2")
-    from ddpmkit.fileio import atomic_write_text
     machine = _measure.machine(args.threads)
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
@@ -141,10 +140,7 @@ def main(argv=None) -> int:
     text = report(result)
     suffix = "-rows-" + "-".join(args.rows.split(",")) if args.rows else ""
     stem = Path(args.results_dir) / f"options-{date}{suffix}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), text)
-    print(text)
-    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    _measure.write_report(stem, result, text)
     return 0
 
 

@@ -224,7 +224,6 @@ def main(argv=None) -> int:
         return 0
     if args.minutes <= 0 or args.n < 2:
         p.error("--minutes must be > 0 and --n >= 2")
-    from ddpmkit.fileio import atomic_write_text
     torch.set_num_threads(args.threads)
     machine = _measure.machine(args.threads)
     if args.score_only:  # the training ran earlier: today's load says nothing about it
@@ -255,10 +254,9 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     text = report(result)
     stem = Path(args.results_dir) / f"quality-{date}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), text)
-    print(text)
-    print(f"wrote {stem}.md and {stem}.json" + ("" if args.keep_runs else f"; removed {work}"), file=sys.stderr)
+    _measure.write_report(stem, result, text)
+    if not args.keep_runs:
+        print(f"removed {work}", file=sys.stderr)
     return 0
 
 

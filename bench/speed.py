@@ -299,7 +299,6 @@ def main(argv=None) -> int:
         print(_measure.busy_warning(machine), file=sys.stderr)
     import _refs
     from ddpmkit.config import ModelConfig
-    from ddpmkit.fileio import atomic_write_text
     sizes = QUICK if args.quick else FULL
     if args.batch:
         sizes = sizes._replace(batch=args.batch)
@@ -322,10 +321,7 @@ def main(argv=None) -> int:
     report = table(result)
     out = Path(args.results_dir) if args.results_dir else HERE / ("_work" if args.quick else "results")
     stem = out / f"speed-{result['date']}{'-' + args.device.split(':')[0] if args.device != 'cpu' else ''}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2, default=list) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), report)
-    print(report)
-    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    _measure.write_report(stem, result, report)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -69,7 +68,6 @@ def main(argv=None) -> int:
     if args.worker:
         _measure.emit(worker(args.worker, args.threads))
         return 0
-    from ddpmkit.fileio import atomic_write_text
     machine = _measure.machine(args.threads)
     rows = []
     for name, variant in VARIANTS.items():
@@ -92,10 +90,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['name']} | {r['train_images_per_s']:.1f} | "
                      f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['first_step_s']:.1f} |")
     stem = Path(args.results_dir) / f"variants-{date}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps({"date": date, "command": command.strip(),
-                                                             "machine": machine, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _measure.write_report(stem, {"date": date, "command": command.strip(), "machine": machine, "rows": rows},
+                          "\n".join(lines) + "\n")
     return 0
 
 

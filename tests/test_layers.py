@@ -246,4 +246,4 @@ def test_unet_fourier_embedding_scales_t_by_the_runs_T():
     config.num_classes = 10
     features = build_net(config).time_embed[0]
     assert features.T == 400
-    assert float(features(torch.tensor([400]))[0, 0]) == 1.0  # t = T -> s = 1
+    assert float(features(torch.tensor([400]))[0, 0].detach()) == 1.0  # t = T -> s = 1
