@@ -60,16 +60,15 @@ def attention_timing(threads: int, batch: int = 64, repeats: int = 5) -> list[di
     return out
 
 
-def run_row(name: str, flags: list[str], args, work: Path) -> dict:
+def run_row(name: str, flags: list[str], args, run: Path) -> dict:
     from ddpmkit import checkpoint
-    run, env = work / f"run-{len(list(work.iterdir()))}", {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-                                                         "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     cli = [sys.executable, "-m", "ddpmkit"]
     print(f"$ ddpmkit train {' '.join(flags)} --minutes {args.minutes}", file=sys.stderr, flush=True)
     subprocess.run([*cli, "train", "--dataset", "fashion-mnist", *flags, "--minutes", str(args.minutes),
                     "--out", str(run), "--no-progress", "--seed", str(args.seed), *data], env=env, check=True)
-    report = work / f"{run.name}-eval.json"
+    report = run.with_name(f"{run.name}-eval.json")
     subprocess.run([*cli, "eval", str(run), "--n", str(args.n), "--nll-n", "0", "--inception", "off",
                     "--no-progress", "--out", str(report)], env=env, check=True, stdout=subprocess.DEVNULL)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -131,7 +130,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     try:
         attention = attention_timing(args.threads)
-        rows = [run_row(name, ROWS[name], args, work) for name in chosen]
+        rows = [run_row(name, ROWS[name], args, work / f"run-{i}") for i, name in enumerate(chosen)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = "python bench/options.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -38,9 +38,9 @@ def _few_threads():
     torch.set_num_threads(1)
 
 
-def perturb(model: nn.Module) -> nn.Module:
+def perturb(model: nn.Module, scale: float = 0.1) -> nn.Module:
     """Move every parameter off its initial value, so zero-initialised layers pass signal."""
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
     return model
