@@ -27,7 +27,7 @@ speed)
 quality)
     run=${RUN:-bench/_work/gpu-run}
     stages=${STAGES:-3} minutes=${STAGE_MINUTES:-1} n=${N:-1000}
-    rm -rf "$run"
+    if [ -e "$run" ]; then echo "bench/gpu.sh: $run exists; remove it or set RUN=another/dir" >&2; exit 2; fi
     for i in $(seq 1 "$stages"); do
         if [ "$i" = 1 ]; then start=(--preset "${PRESET:-fashion-gpu}"); else start=(--resume); fi
         $PY -m ddpmkit train "${start[@]}" --out "$run" --minutes "$minutes" --device "$DEVICE" --no-progress \
