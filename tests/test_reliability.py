@@ -237,13 +237,39 @@ def assert_metrics_match(run: Path, straight: Path, resumed_from: list):
 # ---- SIGKILL -------------------------------------------------------------------------------------
 
 
+def _timeline(proc, run: Path) -> dict:
+    """Seconds from the start of an uninterrupted forked run to each checkpoint and to its exit."""
+    start, seen = time.monotonic(), {}
+    while not proc.finished_within(0.005):
+        for ckpt in checkpoint.checkpoints(run):
+            seen.setdefault(int(ckpt.name[5:]), time.monotonic() - start)
+    assert proc.wait() == 0
+    return {**seen, "exit": time.monotonic() - start}
+
+
+def _survives_kill_moment(proc, run: Path, current: int, real: bool, timeline: dict, rng: random.Random) -> bool:
+    """Wait until a seeded random moment; True if the run finished first. The moments scale with
+    this machine's speed (the straight run's timeline): half fall anywhere in a run's life, half
+    just after a randomly chosen checkpoint still to come, so kills land between every pair."""
+    if real:  # a real start first imports torch (~3-5 s)
+        return proc.finished_within(rng.uniform(2.0, 8.0))
+    if current >= TARGET or rng.random() < 0.5:  # (a run killed after its last checkpoint)
+        return proc.finished_within(rng.uniform(0.0, timeline["exit"]))
+    step = rng.randrange(current + 2, TARGET + 1, 2)
+    gap = timeline[TARGET] - timeline[TARGET - 2]  # the time between two checkpoints
+    while not any(int(c.name[5:]) >= step for c in checkpoint.checkpoints(run)):
+        if proc.finished_within(0.002):
+            return True
+    return proc.finished_within(rng.uniform(0.0, gap))
+
+
 def test_sigkill_at_random_moments_loses_nothing(tmp_path, zygote):
     """Kill training with SIGKILL at seeded random moments for KILL_BUDGET_S seconds, restarting
     with --resume each time; every run that reaches TARGET steps equals the uninterrupted one."""
     data = make_idx_dataset(tmp_path / "mnist")
     log = tmp_path / "runs.log"
     straight = tmp_path / "straight"
-    assert zygote.start([*train_flags(data), "--out", str(straight)], log).wait() == 0, log.read_text()
+    timeline = _timeline(zygote.start([*train_flags(data), "--out", str(straight)], log), straight)
     reference = final_weights(straight)
     rng, kills, finished, starts = random.Random(6), 0, 0, 0
     killed_at_step, run, resumed_from = set(), tmp_path / "run-0", []
@@ -257,8 +283,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, zygote):
         proc = Real(argv, log) if real else zygote.start(argv, log)
         starts += 1
         last_chance = time.monotonic() >= deadline  # out of time: let this one finish
-        delay = rng.uniform(2.0, 8.0) if real else rng.uniform(0.1, 2.0)  # a real start takes ~5 s
-        if not (last_chance or proc.finished_within(delay)):
+        current = resumed_from[-1] if resume else 0
+        if not (last_chance or _survives_kill_moment(proc, run, current, real, timeline, rng)):
             proc.kill()
         status = proc.wait()
         if status == -signal.SIGKILL:
