@@ -23,6 +23,8 @@ from .fileio import atomic_write
 # flag -> (section.field, type, help); all default to "not given" so presets and resume can tell
 _ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731
 _ints.__name__ = "comma-separated integers"
+_gamma_or_off = lambda text: None if text.strip().lower() == "off" else float(text)  # noqa: E731
+_gamma_or_off.__name__ = "number or off"
 TRAIN_FLAGS = [
     ("--dataset", "data.dataset", str, "mnist, fashion-mnist, cifar10 or folder (default fashion-mnist)"),
     ("--data-dir", "data.data_dir", str, "where the dataset files are (else the usual places, else download)"),
@@ -44,7 +46,8 @@ TRAIN_FLAGS = [
     ("--timesteps", "diffusion.timesteps", int, "number of diffusion steps T (1000)"),
     ("--schedule", "diffusion.schedule", str, "noise schedule: linear or cosine (cosine)"),
     ("--objective", "diffusion.objective", str, "what the network predicts: eps, x0 or v (v)"),
-    ("--min-snr-gamma", "diffusion.min_snr_gamma", float, "min-SNR loss weighting gamma (off)"),
+    ("--min-snr-gamma", "diffusion.min_snr_gamma", _gamma_or_off, "min-SNR loss weighting: weight "
+     "min(SNR, gamma) on the x0 error (5); off = L_simple"),
     ("--steps", "train.steps", int, "train until this total number of optimizer steps"),
     ("--epochs", "train.epochs", float, "train until this many epochs in total"),
     ("--minutes", "train.minutes", float, "train for this many minutes of wall clock (this invocation)"),

@@ -74,7 +74,8 @@ def _epoch_permutation(seed: int, epoch: int, n_data: int) -> torch.Tensor:
 
 
 def training_loss(net: nn.Module, schedule: Schedule, config: RunConfig, x0, y, t, eps, u) -> torch.Tensor:
-    """Per-example loss [B]: L_simple in the objective's space (optionally min-SNR weighted)."""
+    """Per-example loss [B]: L_simple in the objective's space, min-SNR weighted unless gamma is None;
+    with learned variances, L_hybrid (unweighted)."""
     d, objective = config.diffusion, config.diffusion.objective
     if y is not None:  # label dropout: y -> null with probability p, for classifier-free guidance
         y = torch.where(u[:, 0] < config.data.label_dropout, torch.full_like(y, config.num_classes), y)
