@@ -107,39 +107,55 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Seed 003's options at equal time: throughput and domain FD.")
-    p.add_argument("--minutes", type=float, default=3.0, help="training minutes per row (3)")
+def row_parser(description: str, minutes: float, stem: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that trains rows of `ddpmkit train` flags (this one, recipe.py)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--minutes", type=float, default=minutes, help=f"training minutes per row ({minutes:g})")
     p.add_argument("--n", type=int, default=500, help="samples scored per row (500)")
     p.add_argument("--rows", help="comma-separated row numbers to run (all); 0 is the default recipe")
     p.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     p.add_argument("--data-dir", help="where the dataset files are (else ddpmkit's usual places)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(HERE / "_work"), help="work directory (bench/_work)")
-    p.add_argument("--results-dir", default=str(HERE / "results"), help="where options-<date>.{md,json} go")
+    p.add_argument("--results-dir", default=str(HERE / "results"), help=f"where {stem}-<date>.{{md,json}} go")
+    return p
+
+
+def parse_rows(p: argparse.ArgumentParser, argv, names: list[str]):
+    """(args, the row names chosen by --rows); one-line errors for impossible values."""
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.n < 2:
         p.error("--minutes must be > 0 and --n >= 2")
+    try:
+        return args, [names[int(i)] for i in args.rows.split(",")] if args.rows else names
+    except (ValueError, IndexError):
+        p.error(f"--rows takes numbers from 0 to {len(names) - 1}, comma-separated")
+
+
+def run_rows(args, chosen: list[str], flags: dict, stem: str, argv, extra=None) -> dict:
+    """Train and score each chosen row one after the other; the result record (machine, rows, ...)."""
     machine = _measure.machine(args.threads)
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
-    names = list(ROWS)
-    chosen = [names[int(i)] for i in args.rows.split(",")] if args.rows else names
-    date = datetime.date.today().isoformat()
-    work = Path(args.out_dir) / f"options-{date}-{os.getpid()}"
+    result = {"date": datetime.date.today().isoformat(), "machine": machine, "threads": args.threads,
+              "minutes": args.minutes, "n": args.n, "seed": args.seed, **(extra() if extra else {})}
+    work = Path(args.out_dir) / f"{stem}-{result['date']}-{os.getpid()}"
     work.mkdir(parents=True)
     try:
-        attention = attention_timing(args.threads)
-        rows = [run_row(name, ROWS[name], args, work / f"run-{i}") for i, name in enumerate(chosen)]
+        rows = [run_row(name, flags[name], args, work / f"run-{i}") for i, name in enumerate(chosen)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    command = "python bench/options.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"date": date, "command": command.strip(), "machine": machine, "threads": args.threads,
-              "minutes": args.minutes, "n": args.n, "seed": args.seed, "attention": attention, "rows": rows}
-    text = report(result)
+    command = f"python bench/{stem}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    return {**result, "command": command.strip(), "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = row_parser("Seed 003's options at equal time: throughput and domain FD.", 3.0, "options")
+    args, chosen = parse_rows(p, argv, list(ROWS))
+    result = run_rows(args, chosen, ROWS, "options", argv,
+                      extra=lambda: {"attention": attention_timing(args.threads)})
     suffix = "-rows-" + "-".join(args.rows.split(",")) if args.rows else ""
-    stem = Path(args.results_dir) / f"options-{date}{suffix}"
-    _measure.write_report(stem, result, text)
+    _measure.write_report(Path(args.results_dir) / f"options-{result['date']}{suffix}", result, report(result))
     return 0
 
 

@@ -87,3 +87,17 @@ def test_flop_count_includes_cpu_attention():
     q = torch.randn(B, H, N, d)
     flops = measure.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
     assert flops == 2 * (2 * B * H * N * N * d)  # q k^T and (softmax) v, a multiply-add each
+
+
+def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
+    recipe = _bench_module("recipe")
+    flags = list(recipe.ROWS.values())
+    assert flags[0] == [] and all(len(f) == 2 and f[0].startswith("--") for f in flags[1:])
+    assert len({tuple(f) for f in flags}) == len(flags)  # no row repeats another
+    args, chosen = recipe.parse_rows(recipe.row_parser("x", 4.0, "recipe"), ["--rows", "0,7"], list(recipe.ROWS))
+    assert chosen == [list(recipe.ROWS)[0], list(recipe.ROWS)[7]] and args.minutes == 4.0
+    for bad in (["--rows", "9"], ["--rows", "a"], ["--minutes", "0"]):
+        with pytest.raises(SystemExit):
+            recipe.parse_rows(recipe.row_parser("x", 4.0, "recipe"), bad, list(recipe.ROWS))
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and ("--rows" in errors[0] or "--minutes" in errors[0])  # after argparse's usage
