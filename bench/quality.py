@@ -236,12 +236,11 @@ def main(argv=None) -> int:
     work = Path(args.score_only) if args.score_only else Path(args.out_dir) / f"quality-{date}-{os.getpid()}"
     if args.score_only:
         args.keep_runs = True
-        contestants = {"ddpmkit": ddpmkit_record(work), "lucidrains": _lucidrains_record(work)}
     else:
         work.mkdir(parents=True)
     try:
-        if not args.score_only:
-            contestants = {"ddpmkit": run_ddpmkit(args, work), "lucidrains": run_lucidrains(args, work)}
+        contestants = ({"ddpmkit": ddpmkit_record(work), "lucidrains": _lucidrains_record(work)} if args.score_only
+                       else {"ddpmkit": run_ddpmkit(args, work), "lucidrains": run_lucidrains(args, work)})
         if "skipped" in contestants["lucidrains"]:
             print(f"skipping lucidrains: {contestants['lucidrains']['skipped']}", file=sys.stderr)
         command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)

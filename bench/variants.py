@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "foreach AdamW (before)": "foreach",
     "fused AdamW (default)": "default",
+    "fused AdamW, L_simple (--min-snr-gamma off)": "l_simple",
     "fused AdamW + channels_last": "channels_last",
     "fused AdamW + --compile": "compile",
 }
@@ -40,6 +41,8 @@ def worker(variant: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     model = {k: getattr(ModelConfig(), k) for k in ModelConfig.UNET_KEYS}
     config = speed.ddpmkit_config(model, True, "auto", FULL, compile=variant == "compile")
+    if variant == "l_simple":  # the loss weighting's cost: the default's min-SNR weights are a few ops on [B]
+        config.diffusion.min_snr_gamma = None
     trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", speed.synthetic_data(256))
     if variant == "foreach":
         trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=config.train.lr, foreach=True)
