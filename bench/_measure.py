@@ -15,7 +15,8 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.utils import flop_counter
@@ -95,8 +96,9 @@ def train_images_per_s(step: Callable[[], None], sizes: Sizes, device: str = "cp
     return statistics.median(rates), rates
 
 
-def sample_images_per_s(sample: Callable[[], torch.Tensor], forward: Callable[[], None],
-                        sizes: Sizes, device: str = "cpu") -> tuple[float, list[float]]:
+def sample_images_per_s(
+    sample: Callable[[], torch.Tensor], forward: Callable[[], None], sizes: Sizes, device: str = "cpu"
+) -> tuple[float, list[float]]:
     """Median images/s over whole sampling runs, after one untimed network evaluation."""
     forward()
     rates = []
@@ -113,15 +115,18 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                             **kwargs) -> int:
+def _sdpa_cpu_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one that
 # F.scaled_dot_product_attention runs here; without these, attention would count as free.
-_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
 
 
 def count_flops(fn: Callable[[], None]) -> int:
@@ -164,10 +169,16 @@ def machine(threads: int) -> dict:
     except OSError:
         info = {}
     cpu, flags = info.get("model name", platform.processor() or "unknown"), info.get("flags", "").split()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": threads,
-            "load_average_at_start": os.getloadavg()[0],
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load_average_at_start": os.getloadavg()[0],
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "python": platform.python_version(),
+    }
 
 
 def busy_warning(info: dict) -> str:
@@ -176,14 +187,18 @@ def busy_warning(info: dict) -> str:
     load = info.get("load_average_at_start", 0.0)
     if load < 0.25 * (info.get("cores") or 2):  # 0.5 on this project's 2 cores
         return ""
-    return (f"WARNING: the machine was busy (1-minute load average {load:.1f} on {info['cores']} cores); "
-            "these figures are not representative.")
+    return (
+        f"WARNING: the machine was busy (1-minute load average {load:.1f} on {info['cores']} cores); "
+        "these figures are not representative."
+    )
 
 
 def write_report(stem, result: dict, text: str) -> None:
     """STEM.json (the full record) and STEM.md (the table), each written atomically; the table on stdout."""
     from pathlib import Path
+
     from ddpmkit.fileio import atomic_write_text
+
     stem = Path(stem)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2, default=list) + "\n")
     atomic_write_text(stem.with_suffix(".md"), text)
@@ -200,4 +215,4 @@ def parse_result(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith("BENCH-RESULT ")]
     if not lines:
         raise RuntimeError("the worker printed no result")
-    return json.loads(lines[-1][len("BENCH-RESULT "):])
+    return json.loads(lines[-1][len("BENCH-RESULT ") :])

@@ -23,7 +23,6 @@ import sys
 import types
 
 import torch
-
 from _measure import Workload
 
 LUCIDRAINS_UNET = {"dim": 32, "dim_mults": (1, 2, 4), "channels": 1}
@@ -31,9 +30,14 @@ LUCIDRAINS_UNET = {"dim": 32, "dim_mults": (1, 2, 4), "channels": 1}
 # with three widths we keep its first three (attention at 14x14 and 7x7), layers_per_block=2,
 # 32 GroupNorm groups, attention_head_dim=8 and the other defaults. 28x28 needs no padding:
 # two halvings (28 -> 14 -> 7).
-DIFFUSERS_UNET = {"sample_size": 28, "in_channels": 1, "out_channels": 1, "block_out_channels": (32, 64, 128),
-                  "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                  "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")}
+DIFFUSERS_UNET = {
+    "sample_size": 28,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (32, 64, 128),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+}
 DISTRIBUTIONS = {"lucidrains": "denoising-diffusion-pytorch", "diffusers": "diffusers"}
 
 
@@ -41,8 +45,10 @@ class _StandIn(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        raise AttributeError(f"{self.__name__}.{name}: this is the benchmark's torchvision stand-in "
-                             "(bench/_refs.py); the benchmarks do not use torchvision")
+        raise AttributeError(
+            f"{self.__name__}.{name}: this is the benchmark's torchvision stand-in "
+            "(bench/_refs.py); the benchmarks do not use torchvision"
+        )
 
 
 def install_torchvision_stand_in() -> None:
@@ -86,6 +92,7 @@ def lucidrains_diffusion(sampling_steps: int, image_size: int = 28, **unet_kwarg
     DDIM with eta 0 when sampling_timesteps < T). It takes images in [0, 1] and normalises itself."""
     install_torchvision_stand_in()
     from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+
     unet = Unet(**{**LUCIDRAINS_UNET, **unet_kwargs})
     return GaussianDiffusion(unet, image_size=image_size, sampling_timesteps=sampling_steps)
 
@@ -93,12 +100,14 @@ def lucidrains_diffusion(sampling_steps: int, image_size: int = 28, **unet_kwarg
 def lucidrains_params() -> int:
     install_torchvision_stand_in()
     from denoising_diffusion_pytorch import Unet
+
     return count(Unet(**LUCIDRAINS_UNET))
 
 
 def diffusers_params() -> int:
     install_torchvision_stand_in()
     from diffusers import UNet2DModel
+
     return count(UNet2DModel(**DIFFUSERS_UNET))
 
 
@@ -122,11 +131,17 @@ def lucidrains_workload(images01: torch.Tensor, sampling_steps: int) -> Workload
     def sample():
         return diffusion.sample(batch_size=batch)
 
-    info = {"library": "denoising-diffusion-pytorch", "version": version("lucidrains"),
-            "unet": LUCIDRAINS_UNET,
-            "diffusion": {"timesteps": diffusion.num_timesteps, "objective": diffusion.objective,
-                          "sampling_timesteps": diffusion.sampling_timesteps},
-            "precision": "fp32"}
+    info = {
+        "library": "denoising-diffusion-pytorch",
+        "version": version("lucidrains"),
+        "unet": LUCIDRAINS_UNET,
+        "diffusion": {
+            "timesteps": diffusion.num_timesteps,
+            "objective": diffusion.objective,
+            "sampling_timesteps": diffusion.sampling_timesteps,
+        },
+        "precision": "fp32",
+    }
     return Workload(count(diffusion.model), train_step, sample, forward, info)
 
 
@@ -136,6 +151,7 @@ def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
     the device of `images`."""
     install_torchvision_stand_in()
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
     unet = UNet2DModel(**DIFFUSERS_UNET).to(images.device)
     train_scheduler, sample_scheduler = DDPMScheduler(), DDIMScheduler()
     T = train_scheduler.config.num_train_timesteps
@@ -163,9 +179,13 @@ def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
             x = sample_scheduler.step(unet(x, t).sample, t, x).prev_sample
         return x
 
-    info = {"library": "diffusers", "version": version("diffusers"), "unet": DIFFUSERS_UNET,
-            "scheduler": {"train": "DDPMScheduler()", "sample": "DDIMScheduler()", "steps": sampling_steps},
-            "precision": "fp32"}
+    info = {
+        "library": "diffusers",
+        "version": version("diffusers"),
+        "unet": DIFFUSERS_UNET,
+        "scheduler": {"train": "DDPMScheduler()", "sample": "DDIMScheduler()", "steps": sampling_steps},
+        "precision": "fp32",
+    }
     return Workload(count(unet), train_step, sample, forward, info)
 
 
@@ -175,15 +195,24 @@ def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
 # so the benchmark reproduces its loop instead: Adam(lr 1e-4, betas (0.9, 0.99)), batch 16,
 # gradient norm clipped to 1, EMA(beta 0.995, update every 10 steps), random horizontal flips,
 # reshuffled every epoch. Its periodic sample grids and FID are left out.
-LUCIDRAINS_TRAINER = {"batch_size": 16, "lr": 1e-4, "adam_betas": (0.9, 0.99), "max_grad_norm": 1.0,
-                      "ema_decay": 0.995, "ema_update_every": 10, "augment_horizontal_flip": True}
+LUCIDRAINS_TRAINER = {
+    "batch_size": 16,
+    "lr": 1e-4,
+    "adam_betas": (0.9, 0.99),
+    "max_grad_norm": 1.0,
+    "ema_decay": 0.995,
+    "ema_update_every": 10,
+    "augment_horizontal_flip": True,
+}
 
 
 def train_lucidrains(images01: torch.Tensor, minutes: float, seed: int = 0, **trainer) -> tuple:
     """Train GaussianDiffusion on images in [0, 1] for `minutes` of wall clock.
     Returns (the EMA GaussianDiffusion, optimizer steps, images seen, seconds trained)."""
     import time
+
     from ema_pytorch import EMA
+
     cfg = {**LUCIDRAINS_TRAINER, **trainer}
     torch.manual_seed(seed)
     diffusion = lucidrains_diffusion(sampling_steps=50)

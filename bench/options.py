@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import _measure
+import torch
 
 HERE = Path(__file__).resolve().parent
 ROWS = {  # name -> the flags added to the default recipe
@@ -40,6 +39,7 @@ ROWS = {  # name -> the flags added to the default recipe
 def attention_timing(threads: int, batch: int = 64, repeats: int = 5) -> list[dict]:
     """Seconds of forward + backward through one Attention2d, full and linear, at 28x28 and 32x32."""
     from ddpmkit.models.layers import Attention2d
+
     torch.set_num_threads(threads)
     out = []
     for size in (28, 32):
@@ -61,49 +61,107 @@ def attention_timing(threads: int, batch: int = 64, repeats: int = 5) -> list[di
 
 
 def run_row(name: str, flags: list[str], args, run: Path) -> dict:
-    from ddpmkit import checkpoint
+    from ddpmkit.run import checkpoint
+
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     cli = [sys.executable, "-m", "ddpmkit"]
     print(f"$ ddpmkit train {' '.join(flags)} --minutes {args.minutes}", file=sys.stderr, flush=True)
-    subprocess.run([*cli, "train", "--dataset", "fashion-mnist", *flags, "--minutes", str(args.minutes),
-                    "--out", str(run), "--no-progress", "--seed", str(args.seed), *data], env=env, check=True)
+    subprocess.run(
+        [
+            *cli,
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            *flags,
+            "--minutes",
+            str(args.minutes),
+            "--out",
+            str(run),
+            "--no-progress",
+            "--seed",
+            str(args.seed),
+            *data,
+        ],
+        env=env,
+        check=True,
+    )
     report = run.with_name(f"{run.name}-eval.json")
-    subprocess.run([*cli, "eval", str(run), "--n", str(args.n), "--nll-n", "0", "--inception", "off",
-                    "--no-progress", "--out", str(report)], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            *cli,
+            "eval",
+            str(run),
+            "--n",
+            str(args.n),
+            "--nll-n",
+            "0",
+            "--inception",
+            "off",
+            "--no-progress",
+            "--out",
+            str(report),
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     config = checkpoint.load_config(run)
-    from ddpmkit.train import build_net
+    from ddpmkit.run.build import net as build_net
+
     with torch.device("meta"):
         params = sum(p.numel() for p in build_net(config).parameters())
     domain = json.loads(report.read_text())["results"]["domain"]
-    return {"name": name, "flags": flags, "params": params, "steps": metrics[-1]["step"],
-            "train_images_per_s": statistics.median(m["images_per_s"] for m in metrics[1:] or metrics),
-            "fd_dom": domain["fd_dom"], "conditional_accuracy": domain["conditional_accuracy"],
-            "precision": domain["precision"], "recall": domain["recall"]}
+    return {
+        "name": name,
+        "flags": flags,
+        "params": params,
+        "steps": metrics[-1]["step"],
+        "train_images_per_s": statistics.median(m["images_per_s"] for m in metrics[1:] or metrics),
+        "fd_dom": domain["fd_dom"],
+        "conditional_accuracy": domain["conditional_accuracy"],
+        "precision": domain["precision"],
+        "recall": domain["recall"],
+    }
 
 
 def report(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# Model options at equal time, {result['date']}", "", f"Command: `{result['command']}`", "",
-             *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['threads']} threads. "
-             f"Fashion-MNIST, {result['minutes']:g} training minutes per row, {result['n']} samples "
-             "(DDIM 50) scored with the domain metrics.", "",
-             "| option | params | train img/s | vs default | steps | FD_dom | vs default | cond. accuracy "
-             "| precision | recall |", "|" + "---|" * 10]
+    lines = [
+        f"# Model options at equal time, {result['date']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['threads']} threads. "
+        f"Fashion-MNIST, {result['minutes']:g} training minutes per row, {result['n']} samples "
+        "(DDIM 50) scored with the domain metrics.",
+        "",
+        "| option | params | train img/s | vs default | steps | FD_dom | vs default | cond. accuracy "
+        "| precision | recall |",
+        "|" + "---|" * 10,
+    ]
     base = result["rows"][0]  # the first row run (the default recipe unless --rows leaves it out)
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_images_per_s']:.0f} | "
-                     f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['steps']} | "
-                     f"{r['fd_dom']:.1f} | {r['fd_dom'] / base['fd_dom']:.2f}x | {r['conditional_accuracy']:.3f} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} |")
-    lines += ["", "One attention layer, forward + backward (4 heads, batch "
-              f"{result['attention'][0]['batch']}), median ms:", "",
-              "| size | channels | full | linear | full / linear |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_images_per_s']:.0f} | "
+            f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['steps']} | "
+            f"{r['fd_dom']:.1f} | {r['fd_dom'] / base['fd_dom']:.2f}x | {r['conditional_accuracy']:.3f} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} |"
+        )
+    lines += [
+        "",
+        f"One attention layer, forward + backward (4 heads, batch {result['attention'][0]['batch']}), median ms:",
+        "",
+        "| size | channels | full | linear | full / linear |",
+        "|---|---|---|---|---|",
+    ]
     for a in result["attention"]:
-        lines.append(f"| {a['size']}x{a['size']} | {a['channels']} | {a['full_ms']:.1f} | {a['linear_ms']:.1f} | "
-                     f"{a['speedup']:.2f}x |")
+        lines.append(
+            f"| {a['size']}x{a['size']} | {a['channels']} | {a['full_ms']:.1f} | {a['linear_ms']:.1f} | "
+            f"{a['speedup']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +195,15 @@ def run_rows(args, chosen: list[str], flags: dict, stem: str, argv, extra=None) 
     machine = _measure.machine(args.threads)
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
-    result = {"date": datetime.date.today().isoformat(), "machine": machine, "threads": args.threads,
-              "minutes": args.minutes, "n": args.n, "seed": args.seed, **(extra() if extra else {})}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine,
+        "threads": args.threads,
+        "minutes": args.minutes,
+        "n": args.n,
+        "seed": args.seed,
+        **(extra() if extra else {}),
+    }
     work = Path(args.out_dir) / f"{stem}-{result['date']}-{os.getpid()}"
     work.mkdir(parents=True)
     try:
@@ -152,8 +217,7 @@ def run_rows(args, chosen: list[str], flags: dict, stem: str, argv, extra=None) 
 def main(argv=None) -> int:
     p = row_parser("Seed 003's options at equal time: throughput and domain FD.", 3.0, "options")
     args, chosen = parse_rows(p, argv, list(ROWS))
-    result = run_rows(args, chosen, ROWS, "options", argv,
-                      extra=lambda: {"attention": attention_timing(args.threads)})
+    result = run_rows(args, chosen, ROWS, "options", argv, extra=lambda: {"attention": attention_timing(args.threads)})
     suffix = "-rows-" + "-".join(args.rows.split(",")) if args.rows else ""
     _measure.write_report(Path(args.results_dir) / f"options-{result['date']}{suffix}", result, report(result))
     return 0

@@ -24,10 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import _measure
 import numpy as np
 import torch
-
-import _measure
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_BATCH = 250
@@ -49,6 +48,7 @@ def save_npz(path: Path, images: torch.Tensor, labels) -> None:
     """images in [-1, 1] -> uint8 [N, H, W(, C)] and int64 labels (-1 = none), as `ddpmkit sample --npz`."""
     from ddpmkit.data import to_uint8
     from ddpmkit.fileio import atomic_write
+
     pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
     pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
     labels = np.full(len(pixels), -1) if labels is None else np.asarray(labels)
@@ -60,6 +60,7 @@ def save_npz(path: Path, images: torch.Tensor, labels) -> None:
 def load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The images of a .npz from `ddpmkit sample --npz` in [-1, 1] as [N, C, H, W], and labels or None."""
     from ddpmkit.data import to_model_range
+
     with np.load(path, allow_pickle=False) as f:
         pixels, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
     pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
@@ -74,31 +75,75 @@ def run_ddpmkit(args, work: Path) -> dict:
     run = work / "ddpmkit"
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     cli, seed = [sys.executable, "-m", "ddpmkit"], ["--seed", str(args.seed)]
-    train_s = _run([*cli, "train", "--dataset", args.dataset, "--minutes", str(args.minutes), "--out", str(run),
-                    *seed, "--no-progress", *data], args.threads)
+    train_s = _run(
+        [
+            *cli,
+            "train",
+            "--dataset",
+            args.dataset,
+            "--minutes",
+            str(args.minutes),
+            "--out",
+            str(run),
+            *seed,
+            "--no-progress",
+            *data,
+        ],
+        args.threads,
+    )
     samples = work / "ddpmkit-samples.npz"
-    sample_s = _run([*cli, "sample", str(run), "--n", str(args.n), *seed, "--batch-size", str(SAMPLE_BATCH),
-                     "--npz", str(samples), "--out", str(work / "ddpmkit-samples.png")], args.threads)
+    sample_s = _run(
+        [
+            *cli,
+            "sample",
+            str(run),
+            "--n",
+            str(args.n),
+            *seed,
+            "--batch-size",
+            str(SAMPLE_BATCH),
+            "--npz",
+            str(samples),
+            "--out",
+            str(work / "ddpmkit-samples.png"),
+        ],
+        args.threads,
+    )
     return {**ddpmkit_record(work), "train_process_s": train_s, "sample_process_s": sample_s}
 
 
 def ddpmkit_record(work: Path) -> dict:
     """What the ddpmkit run in `work` trained (read back from its run directory) and its samples."""
-    from ddpmkit import checkpoint
+    from ddpmkit.run import checkpoint
+
     run, samples = work / "ddpmkit", work / "ddpmkit-samples.npz"
     config = checkpoint.load_config(run)
     steps = json.loads((checkpoint.latest_checkpoint(run) / "state.json").read_text())["step"]
-    return {"steps": steps, "images_seen": steps * config.train.batch_size * config.train.grad_accum,
-            "samples": str(samples),
-            "recipe": {"model": dict(config.model.__dict__), "diffusion": dict(config.diffusion.__dict__),
-                       "train": dict(config.train.__dict__), "sample": dict(config.sample.__dict__),
-                       "conditional": config.data.conditional}}
+    return {
+        "steps": steps,
+        "images_seen": steps * config.train.batch_size * config.train.grad_accum,
+        "samples": str(samples),
+        "recipe": {
+            "model": dict(config.model.__dict__),
+            "diffusion": dict(config.diffusion.__dict__),
+            "train": dict(config.train.__dict__),
+            "sample": dict(config.sample.__dict__),
+            "conditional": config.data.conditional,
+        },
+    }
 
 
 def run_lucidrains(args, work: Path) -> dict:
     """The same in a separate process (it needs the torchvision stand-in; the scoring must not see it)."""
-    spec = {"dataset": args.dataset, "data_dir": args.data_dir, "minutes": args.minutes, "n": args.n,
-            "seed": args.seed, "threads": args.threads, "out": str(work / "lucidrains-samples.npz")}
+    spec = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "minutes": args.minutes,
+        "n": args.n,
+        "seed": args.seed,
+        "threads": args.threads,
+        "out": str(work / "lucidrains-samples.npz"),
+    }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--lucidrains-worker", json.dumps(spec)]
     print("$ " + " ".join(cmd[:3]) + " ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=_env(args.threads), stdout=subprocess.PIPE, text=True, check=True)
@@ -116,7 +161,9 @@ def _lucidrains_record(work: Path) -> dict:
 
 def lucidrains_worker(spec: dict) -> dict:
     import _refs
+
     from ddpmkit.data import load_dataset
+
     ok, why = _refs.available("lucidrains")
     if not ok:
         return {"skipped": why}
@@ -129,13 +176,26 @@ def lucidrains_worker(spec: dict) -> dict:
         samples01 = _refs.sample_lucidrains(diffusion, spec["n"], SAMPLE_BATCH, seed=spec["seed"])
     sample_s = time.monotonic() - start
     save_npz(Path(spec["out"]), samples01 * 2 - 1, None)
-    record = {"steps": steps, "images_seen": seen, "train_loop_s": seconds, "sample_s": sample_s,
-            "samples": spec["out"], "version": _refs.version("lucidrains"),
-            "recipe": {"unet": _refs.LUCIDRAINS_UNET, "trainer": _refs.LUCIDRAINS_TRAINER,
-                       "diffusion": {"timesteps": diffusion.num_timesteps, "objective": diffusion.objective,
-                                     "sampling_timesteps": diffusion.sampling_timesteps},
-                       "params": _refs.count(diffusion.model)}}
+    record = {
+        "steps": steps,
+        "images_seen": seen,
+        "train_loop_s": seconds,
+        "sample_s": sample_s,
+        "samples": spec["out"],
+        "version": _refs.version("lucidrains"),
+        "recipe": {
+            "unet": _refs.LUCIDRAINS_UNET,
+            "trainer": _refs.LUCIDRAINS_TRAINER,
+            "diffusion": {
+                "timesteps": diffusion.num_timesteps,
+                "objective": diffusion.objective,
+                "sampling_timesteps": diffusion.sampling_timesteps,
+            },
+            "params": _refs.count(diffusion.model),
+        },
+    }
     from ddpmkit.fileio import atomic_write_text
+
     atomic_write_text(Path(spec["out"]).with_suffix(".json"), json.dumps(record, indent=2) + "\n")  # for --score-only
     return record
 
@@ -147,9 +207,10 @@ def score_all(args, contestants: dict) -> dict:
     """Domain metrics of each contestant's samples and of n real TRAIN images (the floor).
 
     The domain metrics' reference statistics are the TEST set's, so the floor uses training images,
-    as `ddpmkit.evaluate.evaluate_reference` does: held out from the reference, like the samples."""
+    as `ddpmkit.eval.report.evaluate_reference` does: held out from the reference, like the samples."""
     from ddpmkit.data import load_dataset, to_model_range
-    from ddpmkit.domain import DomainMetrics
+    from ddpmkit.eval.domain import DomainMetrics
+
     metrics = DomainMetrics.for_dataset(args.dataset, args.data_dir, device="cpu", progress=True)
     scores = {}
     for name, c in contestants.items():
@@ -157,21 +218,27 @@ def score_all(args, contestants: dict) -> dict:
             images, labels = load_npz(Path(c["samples"]))
             scores[name] = metrics.score(images, labels)
     train = load_dataset(args.dataset, "train", args.data_dir)
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.n]
     scores["floor"] = metrics.score(to_model_range(train.images[pick]), train.labels[pick])
     return scores
 
 
 def report(result: dict) -> str:
     c, s = result["contestants"], result["scores"]
-    lines = [f"# Quality per minute, {result['date']}", "", f"Command: `{result['command']}`", "",
-             *([_measure.busy_warning(result["machine"]), ""] if _measure.busy_warning(result["machine"]) else []),
-             f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
-             f"{result['machine']['torch']}, {result['threads']} threads. Dataset {result['dataset']}; "
-             f"{result['minutes']} training minutes each; {result['n']} samples each, scored with "
-             "ddpmkit.domain.DomainMetrics against the test set's features.", "",
-             "| | minutes | steps | images seen | FD_dom | vs ref | precision | recall | class entropy "
-             "| cond. accuracy |", "|" + "---|" * 10]
+    lines = [
+        f"# Quality per minute, {result['date']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        *([_measure.busy_warning(result["machine"]), ""] if _measure.busy_warning(result["machine"]) else []),
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+        f"{result['machine']['torch']}, {result['threads']} threads. Dataset {result['dataset']}; "
+        f"{result['minutes']} training minutes each; {result['n']} samples each, scored with "
+        "ddpmkit.eval.domain.DomainMetrics against the test set's features.",
+        "",
+        "| | minutes | steps | images seen | FD_dom | vs ref | precision | recall | class entropy | cond. accuracy |",
+        "|" + "---|" * 10,
+    ]
     if result["machine"].get("note"):
         lines[-2:-2] = [f"Note: {result['machine']['note']}.", ""]
     ref = s.get("lucidrains", {}).get("fd_dom")
@@ -183,13 +250,17 @@ def report(result: dict) -> str:
         acc = "" if sc["conditional_accuracy"] is None else f"{sc['conditional_accuracy']:.3f}"
         label = "floor (real train images)" if name == "floor" else name
         minutes = "" if name == "floor" else f"{result['minutes']:g}"
-        lines.append(f"| {label} | {minutes} | {info.get('steps', '')} | {info.get('images_seen', '')} | "
-                     f"{sc['fd_dom']:.3f} | {ratio} | {sc['precision']:.3f} | {sc['recall']:.3f} | "
-                     f"{sc['class_entropy']:.3f} | {acc} |")
+        lines.append(
+            f"| {label} | {minutes} | {info.get('steps', '')} | {info.get('images_seen', '')} | "
+            f"{sc['fd_dom']:.3f} | {ratio} | {sc['precision']:.3f} | {sc['recall']:.3f} | "
+            f"{sc['class_entropy']:.3f} | {acc} |"
+        )
     d, r = c.get("ddpmkit", {}), c.get("lucidrains", {})
     if "train_process_s" in d:
-        lines.append(f"\nWall clock: ddpmkit `train` process {d['train_process_s']:.0f} s (start-up, data, "
-                     f"the --minutes loop, final checkpoint and grid), `sample` process {d['sample_process_s']:.0f} s.")
+        lines.append(
+            f"\nWall clock: ddpmkit `train` process {d['train_process_s']:.0f} s (start-up, data, "
+            f"the --minutes loop, final checkpoint and grid), `sample` process {d['sample_process_s']:.0f} s."
+        )
     if "train_loop_s" in r:
         lines.append(f"lucidrains training loop {r['train_loop_s']:.0f} s, sampling {r['sample_s']:.0f} s.")
     for name, info in c.items():
@@ -197,10 +268,13 @@ def report(result: dict) -> str:
             lines.append(f"\nSkipped {name}: {info['skipped']}")
         if "note" in info:
             lines.append(f"\n{name}: {info['note']}.")
-    lines += ["", "ddpmkit: `ddpmkit train` defaults (class-conditional), samples from `ddpmkit sample` "
-              "(run's default sampler; classes balanced).",
-              "lucidrains: Unet(dim=32, dim_mults=(1, 2, 4), channels=1) in GaussianDiffusion (its defaults), "
-              "its Trainer's defaults in a plain loop (bench/_refs.py); DDIM with sampling_timesteps=50."]
+    lines += [
+        "",
+        "ddpmkit: `ddpmkit train` defaults (class-conditional), samples from `ddpmkit sample` "
+        "(run's default sampler; classes balanced).",
+        "lucidrains: Unet(dim=32, dim_mults=(1, 2, 4), channels=1) in GaussianDiffusion (its defaults), "
+        "its Trainer's defaults in a plain loop (bench/_refs.py); DDIM with sampling_timesteps=50.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -215,8 +289,11 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="fashion-mnist", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help="where the dataset files are (else ddpmkit's usual places)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--score-only", metavar="WORK_DIR", help="score the samples a --keep-runs run left in WORK_DIR "
-                   "(bench/_work/quality-*) instead of training again")
+    p.add_argument(
+        "--score-only",
+        metavar="WORK_DIR",
+        help="score the samples a --keep-runs run left in WORK_DIR (bench/_work/quality-*) instead of training again",
+    )
     p.add_argument("--lucidrains-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.lucidrains_worker:
@@ -228,8 +305,10 @@ def main(argv=None) -> int:
     machine = _measure.machine(args.threads)
     if args.score_only:  # the training ran earlier: today's load says nothing about it
         machine["load_average_at_start"] = 0.0
-        machine["note"] = (f"scored afterwards with --score-only from the samples in {args.score_only}; "
-                           "the load while they trained was not recorded by this command")
+        machine["note"] = (
+            f"scored afterwards with --score-only from the samples in {args.score_only}; "
+            "the load while they trained was not recorded by this command"
+        )
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
     date = datetime.date.today().isoformat()
@@ -239,15 +318,26 @@ def main(argv=None) -> int:
     else:
         work.mkdir(parents=True)
     try:
-        contestants = ({"ddpmkit": ddpmkit_record(work), "lucidrains": _lucidrains_record(work)} if args.score_only
-                       else {"ddpmkit": run_ddpmkit(args, work), "lucidrains": run_lucidrains(args, work)})
+        contestants = (
+            {"ddpmkit": ddpmkit_record(work), "lucidrains": _lucidrains_record(work)}
+            if args.score_only
+            else {"ddpmkit": run_ddpmkit(args, work), "lucidrains": run_lucidrains(args, work)}
+        )
         if "skipped" in contestants["lucidrains"]:
             print(f"skipping lucidrains: {contestants['lucidrains']['skipped']}", file=sys.stderr)
         command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        result = {"date": date, "command": command.strip(),
-                  "machine": machine, "threads": args.threads, "dataset": args.dataset,
-                  "minutes": args.minutes, "n": args.n, "seed": args.seed, "contestants": contestants,
-                  "scores": score_all(args, contestants)}
+        result = {
+            "date": date,
+            "command": command.strip(),
+            "machine": machine,
+            "threads": args.threads,
+            "dataset": args.dataset,
+            "minutes": args.minutes,
+            "n": args.n,
+            "seed": args.seed,
+            "contestants": contestants,
+            "scores": score_all(args, contestants),
+        }
     finally:
         if not args.keep_runs:
             shutil.rmtree(work, ignore_errors=True)

@@ -36,19 +36,26 @@ ROWS = {  # name -> the flags added to the default recipe
 
 def report(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# The small-data recipe, one change at a time, {result['date']}", "",
-             f"Command: `{result['command']}`", "",
-             *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['threads']} threads. "
-             f"Fashion-MNIST, {result['minutes']:g} training minutes per row, seed {result['seed']}, "
-             f"{result['n']} samples (DDIM 50) scored with the domain metrics.", "",
-             "| change | params | train img/s | steps | FD_dom | vs first row | cond. accuracy | precision "
-             "| recall |", "|" + "---|" * 9]
+    lines = [
+        f"# The small-data recipe, one change at a time, {result['date']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['threads']} threads. "
+        f"Fashion-MNIST, {result['minutes']:g} training minutes per row, seed {result['seed']}, "
+        f"{result['n']} samples (DDIM 50) scored with the domain metrics.",
+        "",
+        "| change | params | train img/s | steps | FD_dom | vs first row | cond. accuracy | precision | recall |",
+        "|" + "---|" * 9,
+    ]
     base = result["rows"][0]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_images_per_s']:.0f} | {r['steps']} | "
-                     f"{r['fd_dom']:.1f} | {r['fd_dom'] / base['fd_dom']:.2f}x | {r['conditional_accuracy']:.3f} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} |")
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_images_per_s']:.0f} | {r['steps']} | "
+            f"{r['fd_dom']:.1f} | {r['fd_dom'] / base['fd_dom']:.2f}x | {r['conditional_accuracy']:.3f} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -22,9 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 import _measure
+import torch
 from _measure import FULL, QUICK, Sizes, Workload
 
 HERE = Path(__file__).resolve().parent
@@ -40,12 +39,18 @@ REFERENCES = {  # the reference's width multipliers and the sizes where it has f
 
 def ddpmkit_config(model: dict, conditional: bool, precision: str, sizes: Sizes, compile: bool = False):
     """A RunConfig with the defaults except the model overrides, batch, precision, compile and sampling steps."""
-    from ddpmkit.config import RunConfig, apply_overrides
     from ddpmkit.data import DATASETS
-    config = apply_overrides(RunConfig(), {
-        "model": model, "data": {"conditional": conditional},
-        "train": {"batch_size": sizes.batch, "precision": precision, "compile": compile},
-        "sample": {"steps": sizes.sample_steps, "precision": precision}})
+    from ddpmkit.run.config import RunConfig, apply_overrides
+
+    config = apply_overrides(
+        RunConfig(),
+        {
+            "model": model,
+            "data": {"conditional": conditional},
+            "train": {"batch_size": sizes.batch, "precision": precision, "compile": compile},
+            "sample": {"steps": sizes.sample_steps, "precision": precision},
+        },
+    )
     info = DATASETS["fashion-mnist"]
     config.in_channels, config.image_size = info.channels, info.image_size
     config.num_classes, config.class_names = info.num_classes, info.class_names
@@ -54,7 +59,8 @@ def ddpmkit_config(model: dict, conditional: bool, precision: str, sizes: Sizes,
 
 def ddpmkit_params(model: dict, conditional: bool) -> int:
     """Parameters of the ddpmkit network a row builds (counted on the meta device: no memory)."""
-    from ddpmkit.train import build_net
+    from ddpmkit.run.build import net as build_net
+
     with torch.device("meta"):
         net = build_net(ddpmkit_config(model, conditional, "fp32", QUICK))
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -64,13 +70,18 @@ def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple) ->
     """The unconditional ddpmkit UNet closest in parameters to `target`: base_channels (multiples of
     4) and num_res_blocks with the reference's width multipliers, or, if none is within 5%, with
     ddpmkit's default multipliers, then (1, 2, 3). Attention stays where the reference has full attention."""
-    from ddpmkit.config import ModelConfig
+    from ddpmkit.run.config import ModelConfig
+
     best = None
-    for mults in (tuple(channel_mults), tuple(ModelConfig.channel_mults), (1, 2, 3)):
+    for mults in (tuple(channel_mults), tuple(ModelConfig().channel_mults), (1, 2, 3)):
         for blocks in (1, 2, 3):
             for base in range(16, 132, 4):  # the count grows with base: stop once past the target
-                model = {"base_channels": base, "channel_mults": mults, "num_res_blocks": blocks,
-                         "attn_resolutions": tuple(attn_resolutions)}
+                model = {
+                    "base_channels": base,
+                    "channel_mults": mults,
+                    "num_res_blocks": blocks,
+                    "attn_resolutions": tuple(attn_resolutions),
+                }
                 params = ddpmkit_params(model, conditional=False)
                 if best is None or abs(params / target - 1) < abs(best[1] / target - 1):
                     best = (model, params)
@@ -89,18 +100,23 @@ def synthetic_images(n: int) -> torch.Tensor:
 def synthetic_data(n: int):
     """synthetic_images with labels 0..9, as ddpmkit's Trainer takes them."""
     from ddpmkit.data import DATASETS, ImageData
+
     return ImageData(synthetic_images(n), torch.arange(n) % 10, DATASETS["fashion-mnist"])
 
 
-def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Sizes, device: str = "cpu",
-                     compile: bool = False) -> Workload:
+def ddpmkit_workload(
+    model: dict, conditional: bool, precision: str, sizes: Sizes, device: str = "cpu", compile: bool = False
+) -> Workload:
     """Training: Trainer.train_step as `ddpmkit train` runs it (autocast, clipping, EMA update).
     Sampling: sampling.generate with the run's default sampler (DDIM, eta 0), as `ddpmkit sample`."""
-    from ddpmkit.sampling import default_labels, denoiser_for, generate
+    from ddpmkit.run.build import denoiser as denoiser_for
+    from ddpmkit.run.sampling import default_labels, generate
     from ddpmkit.train import Trainer
+
     config = ddpmkit_config(model, conditional, precision, sizes, compile)
-    trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", synthetic_data(4 * sizes.batch),
-                      device)
+    trainer = Trainer(
+        config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", synthetic_data(4 * sizes.batch), device
+    )
     denoiser = denoiser_for(config, trainer.ema, trainer.schedule)
     labels = default_labels(config, sizes.batch, None)
     labels = labels if labels is None else labels.to(device)
@@ -111,16 +127,23 @@ def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Size
         trainer.step += 1
 
     def sample():
-        return generate(denoiser, sizes.batch, shape, labels=labels, settings=config.sample, batch_size=sizes.batch,
-                        device=device)
+        return generate(
+            denoiser, sizes.batch, shape, labels=labels, settings=config.sample, batch_size=sizes.batch, device=device
+        )
 
     def forward():
         x = torch.randn(sizes.batch, *shape, device=device)
         with torch.inference_mode():
             denoiser(x, 500, labels)
 
-    info = {"library": "ddpmkit", "model": {**config.model.__dict__}, "conditional": conditional,
-            "precision": precision, "sampler": config.sample.sampler, "compile": compile}
+    info = {
+        "library": "ddpmkit",
+        "model": {**config.model.__dict__},
+        "conditional": conditional,
+        "precision": precision,
+        "sampler": config.sample.sampler,
+        "compile": compile,
+    }
     params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return Workload(params, train_step, sample, forward, info)
 
@@ -131,9 +154,11 @@ def ddpmkit_workload(model: dict, conditional: bool, precision: str, sizes: Size
 def build(spec: dict, sizes: Sizes) -> Workload:
     device = spec.get("device", "cpu")
     if spec["impl"] == "ddpmkit":
-        return ddpmkit_workload(spec["model"], spec["conditional"], spec["precision"], sizes, device,
-                                spec.get("compile", False))
+        return ddpmkit_workload(
+            spec["model"], spec["conditional"], spec["precision"], sizes, device, spec.get("compile", False)
+        )
     import _refs  # the reference rows import no ddpmkit: their memory is their own
+
     images = synthetic_images(sizes.batch).to(device)
     if spec["impl"] == "lucidrains":
         return _refs.lucidrains_workload(images.float() / 255, sizes.sample_steps)
@@ -156,20 +181,38 @@ def worker(spec: dict) -> dict:
     rss_sample, gpu_sample = _measure.peak_rss_mib(), _measure.peak_device_mib(device, reset=True)
     train_rate, train_rates = _measure.train_images_per_s(workload.train_step, sizes, device)
     rss_train, gpu_train = _measure.peak_rss_mib(), _measure.peak_device_mib(device)
-    return {"params": workload.params, "info": workload.info, "gpu_sample_mib": gpu_sample, "gpu_train_mib": gpu_train,
-            "train_images_per_s": train_rate, "train_windows": train_rates,
-            "sample_images_per_s": sample_rate, "sample_runs": sample_rates,
-            "rss_built_mib": rss_built, "rss_sample_mib": rss_sample, "rss_train_mib": rss_train,
-            "train_step_flops": _measure.count_flops(workload.train_step),
-            "forward_flops": _measure.count_flops(workload.forward)}
+    return {
+        "params": workload.params,
+        "info": workload.info,
+        "gpu_sample_mib": gpu_sample,
+        "gpu_train_mib": gpu_train,
+        "train_images_per_s": train_rate,
+        "train_windows": train_rates,
+        "sample_images_per_s": sample_rate,
+        "sample_runs": sample_rates,
+        "rss_built_mib": rss_built,
+        "rss_sample_mib": rss_sample,
+        "rss_train_mib": rss_train,
+        "train_step_flops": _measure.count_flops(workload.train_step),
+        "forward_flops": _measure.count_flops(workload.forward),
+    }
 
 
 def run_worker(spec: dict, timeout: float = 1800) -> dict:
     """Run `worker(spec)` in a fresh interpreter with the thread count fixed in its environment."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
-           "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(spec["threads"]),
+        "MKL_NUM_THREADS": str(spec["threads"]),
+        "TQDM_DISABLE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec.get('name', spec['impl'])} failed:\n{proc.stderr[-3000:]}")
     return _measure.parse_result(proc.stdout)
@@ -181,20 +224,44 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 def plan(references: list[str], default_model: dict, compile: bool = False) -> list[dict]:
     """Rows: each reference, ddpmkit matched to it (auto and fp32), ddpmkit's default model (and compiled)."""
     import _refs
+
     counts = {"lucidrains": _refs.lucidrains_params, "diffusers": _refs.diffusers_params}
     rows = []
     for ref in references:
         rows.append({"name": ref, "impl": ref, "precision": "fp32"})
         model, _ = matched_model(counts[ref](), **REFERENCES[ref])
         for precision in ("auto", "fp32"):
-            rows.append({"name": f"ddpmkit ~ {ref}", "impl": "ddpmkit", "model": model, "conditional": False,
-                         "precision": precision, "matched_to": ref})
+            rows.append(
+                {
+                    "name": f"ddpmkit ~ {ref}",
+                    "impl": "ddpmkit",
+                    "model": model,
+                    "conditional": False,
+                    "precision": precision,
+                    "matched_to": ref,
+                }
+            )
     for precision in ("auto", "fp32"):
-        rows.append({"name": "ddpmkit default", "impl": "ddpmkit", "model": default_model,
-                     "conditional": True, "precision": precision})
+        rows.append(
+            {
+                "name": "ddpmkit default",
+                "impl": "ddpmkit",
+                "model": default_model,
+                "conditional": True,
+                "precision": precision,
+            }
+        )
     if compile:
-        rows.append({"name": "ddpmkit default --compile", "impl": "ddpmkit", "model": default_model,
-                     "conditional": True, "precision": "auto", "compile": True})
+        rows.append(
+            {
+                "name": "ddpmkit default --compile",
+                "impl": "ddpmkit",
+                "model": default_model,
+                "conditional": True,
+                "precision": "auto",
+                "compile": True,
+            }
+        )
     return rows
 
 
@@ -208,10 +275,17 @@ def measure(rows: list[dict], sizes: Sizes, threads: int, quick: bool, device: s
     for row in rows:
         print(f"measuring {row['name']} ({row['precision']}) ...", file=sys.stderr, flush=True)
         record = run_worker({**base, **row, "sizes": sizes._asdict()})
-        records.append({**row, **record, "batch": sizes.batch, "sample_steps": sizes.sample_steps,
-                        "train_mib": record["rss_train_mib"] - baseline,
-                        "sample_mib": record["rss_sample_mib"] - baseline,
-                        "built_mib": record["rss_built_mib"] - baseline})
+        records.append(
+            {
+                **row,
+                **record,
+                "batch": sizes.batch,
+                "sample_steps": sizes.sample_steps,
+                "train_mib": record["rss_train_mib"] - baseline,
+                "sample_mib": record["rss_sample_mib"] - baseline,
+                "built_mib": record["rss_built_mib"] - baseline,
+            }
+        )
     for r in records:
         _add_derived(r, records, peak, device)
     return {"idle_torch_rss_mib": baseline, "matmul_peak_gflops": peak, "rows": records}
@@ -219,7 +293,8 @@ def measure(rows: list[dict], sizes: Sizes, threads: int, quick: bool, device: s
 
 def _add_derived(r: dict, records: list[dict], peak: dict, device: str = "cpu") -> None:
     """Achieved GFLOP/s against the matmul peak of the row's precision; ratios to its reference."""
-    from ddpmkit.precision import resolve_precision
+    from ddpmkit.core.precision import resolve_precision
+
     r["resolved_precision"] = resolve_precision(r["precision"], device)
     steps_per_s = r["train_images_per_s"] / r["batch"]
     r["train_gflops"] = r["train_step_flops"] * steps_per_s / 1e9
@@ -229,8 +304,14 @@ def _add_derived(r: dict, records: list[dict], peak: dict, device: str = "cpu") 
     r["sample_peak_fraction"] = r["sample_gflops"] / peak[r["resolved_precision"]]
     ref = next((x for x in records if x["impl"] == r.get("matched_to")), None)
     if ref is not None:
-        keys = ("train_images_per_s", "sample_images_per_s", "train_mib", "sample_mib",
-                "gpu_train_mib", "gpu_sample_mib")
+        keys = (
+            "train_images_per_s",
+            "sample_images_per_s",
+            "train_mib",
+            "sample_mib",
+            "gpu_train_mib",
+            "gpu_sample_mib",
+        )
         r["ratio"] = {k: r[k] / ref[k] if ref[k] > 0 else None for k in keys}
 
 
@@ -244,21 +325,36 @@ def table(result: dict) -> str:
     m, peak = result["machine"], result["matmul_peak_gflops"]
     on_gpu = bool(m.get("gpu"))
     mem = "gpu_" if on_gpu else ""  # CUDA: peak allocated GPU memory; CPU: peak resident memory
-    lines = [f"# Speed, {result['date']}", "", f"Command: `{result['command']}`", "",
-             *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
-             (f"Device: {m['gpu']} (CUDA; host {m['cpu']}, torch {m['torch']}). " if on_gpu else
-              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
-              f"(AVX-512 BF16: {m['avx512_bf16']}, AMX: {m['amx_bf16']}). ") +
-             f"Matmul peak ({peak['n']}x{peak['n']}): fp32 {peak['fp32']:.1f} GFLOP/s, "
-             f"bf16 {peak['bf16']:.1f} GFLOP/s.",
-             "", "References: " + (", ".join(f"{k} {v}" for k, v in result["references"].items()) or "none"),
-             *[f"Skipped {k}: {v}" for k, v in result["skipped"].items()], "",
-             f"Batch {result['sizes']['batch']} of 1x28x28; sampling {result['sizes']['sample_steps']} DDIM steps; " +
-             ("memory columns: peak GPU memory allocated." if on_gpu else
-              f"idle `import torch` process {result['idle_torch_rss_mib']:.0f} MiB "
-              "(subtracted from the memory columns)."),
-             "", "| row | precision | params | train img/s | vs ref | sample img/s | vs ref | train MiB | sample MiB "
-             "| train GFLOP/s (% peak) | sample GFLOP/s (% peak) |", "|" + "---|" * 11]
+    lines = [
+        f"# Speed, {result['date']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
+        (
+            f"Device: {m['gpu']} (CUDA; host {m['cpu']}, torch {m['torch']}). "
+            if on_gpu
+            else f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
+            f"(AVX-512 BF16: {m['avx512_bf16']}, AMX: {m['amx_bf16']}). "
+        )
+        + f"Matmul peak ({peak['n']}x{peak['n']}): fp32 {peak['fp32']:.1f} GFLOP/s, "
+        f"bf16 {peak['bf16']:.1f} GFLOP/s.",
+        "",
+        "References: " + (", ".join(f"{k} {v}" for k, v in result["references"].items()) or "none"),
+        *[f"Skipped {k}: {v}" for k, v in result["skipped"].items()],
+        "",
+        f"Batch {result['sizes']['batch']} of 1x28x28; sampling {result['sizes']['sample_steps']} DDIM steps; "
+        + (
+            "memory columns: peak GPU memory allocated."
+            if on_gpu
+            else f"idle `import torch` process {result['idle_torch_rss_mib']:.0f} MiB "
+            "(subtracted from the memory columns)."
+        ),
+        "",
+        "| row | precision | params | train img/s | vs ref | sample img/s | vs ref | train MiB | sample MiB "
+        "| train GFLOP/s (% peak) | sample GFLOP/s (% peak) |",
+        "|" + "---|" * 11,
+    ]
     for r in result["rows"]:
         precision = r["precision"] + (f" ({r['resolved_precision']})" if r["precision"] == "auto" else "")
         lines.append(
@@ -266,13 +362,16 @@ def table(result: dict) -> str:
             f"{_fmt_ratio(r, 'train_images_per_s')} | {r['sample_images_per_s']:.2f} | "
             f"{_fmt_ratio(r, 'sample_images_per_s')} | {r[mem + 'train_mib']:.0f} | {r[mem + 'sample_mib']:.0f} | "
             f"{r['train_gflops']:.1f} ({100 * r['train_peak_fraction']:.0f}%) | "
-            f"{r['sample_gflops']:.1f} ({100 * r['sample_peak_fraction']:.0f}%) |")
-    lines += ["", "Matched ddpmkit models (unconditional; other settings are config.ModelConfig defaults):", ""]
+            f"{r['sample_gflops']:.1f} ({100 * r['sample_peak_fraction']:.0f}%) |"
+        )
+    lines += ["", "Matched ddpmkit models (unconditional; other settings are run.config.ModelConfig defaults):", ""]
     for r in result["rows"]:
         if r.get("matched_to") and r["precision"] == "auto":
             ref = next(x for x in result["rows"] if x["impl"] == r["matched_to"])
-            lines.append(f"- ~ {r['matched_to']} ({ref['params']:,} params): {json.dumps(r['model'])} -> "
-                         f"{r['params']:,} params ({100 * (r['params'] / ref['params'] - 1):+.1f}%)")
+            lines.append(
+                f"- ~ {r['matched_to']} ({ref['params']:,} params): {json.dumps(r['model'])} -> "
+                f"{r['params']:,} params ({100 * (r['params'] / ref['params'] - 1):+.1f}%)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -281,8 +380,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every row (2)")
     parser.add_argument("--skip-references", action="store_true", help="measure the ddpmkit rows only")
-    parser.add_argument("--results-dir", help="where speed-<date>.{md,json} go (bench/results; "
-                        "bench/_work with --quick)")
+    parser.add_argument(
+        "--results-dir", help="where speed-<date>.{md,json} go (bench/results; bench/_work with --quick)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--batch", type=int, help="images per step and per sampling batch (64)")
     parser.add_argument("--compile", action="store_true", help="add a row: the default model with --compile")
@@ -298,7 +398,10 @@ def main(argv=None) -> int:
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
     import _refs
-    from ddpmkit.config import ModelConfig
+
+    from ddpmkit.run.build import ARCH_KEYS
+    from ddpmkit.run.config import ModelConfig
+
     sizes = QUICK if args.quick else FULL
     if args.batch:
         sizes = sizes._replace(batch=args.batch)
@@ -310,14 +413,19 @@ def main(argv=None) -> int:
         else:
             skipped[ref] = why
             print(f"skipping {ref}: {why}", file=sys.stderr)
-    default_model = {k: getattr(ModelConfig(), k) for k in ModelConfig.UNET_KEYS}
+    default_model = {k: getattr(ModelConfig(), k) for k in ARCH_KEYS["unet"]}
     command = "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"date": datetime.date.today().isoformat(), "command": command.strip(), "machine": machine,
-              "sizes": sizes._asdict(), "quick": args.quick,
-              "references": {ref: _refs.version(ref) for ref in references}, "skipped": skipped}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "command": command.strip(),
+        "machine": machine,
+        "sizes": sizes._asdict(),
+        "quick": args.quick,
+        "references": {ref: _refs.version(ref) for ref in references},
+        "skipped": skipped,
+    }
     result["device"] = args.device
-    result.update(measure(plan(references, default_model, args.compile), sizes, args.threads, args.quick,
-                          args.device))
+    result.update(measure(plan(references, default_model, args.compile), sizes, args.threads, args.quick, args.device))
     report = table(result)
     out = Path(args.results_dir) if args.results_dir else HERE / ("_work" if args.quick else "results")
     stem = out / f"speed-{result['date']}{'-' + args.device.split(':')[0] if args.device != 'cpu' else ''}"

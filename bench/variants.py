@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import _measure
+import torch
 from _measure import FULL
 
 HERE = Path(__file__).resolve().parent
@@ -36,10 +35,13 @@ VARIANTS = {
 
 def worker(variant: str, threads: int) -> dict:
     import speed
-    from ddpmkit.config import ModelConfig
+
+    from ddpmkit.run.build import ARCH_KEYS
+    from ddpmkit.run.config import ModelConfig
     from ddpmkit.train import Trainer
+
     torch.set_num_threads(threads)
-    model = {k: getattr(ModelConfig(), k) for k in ModelConfig.UNET_KEYS}
+    model = {k: getattr(ModelConfig(), k) for k in ARCH_KEYS["unet"]}
     config = speed.ddpmkit_config(model, True, "auto", FULL, compile=variant == "compile")
     if variant == "l_simple":  # the loss weighting's cost: the default's min-SNR weights are a few ops on [B]
         config.diffusion.min_snr_gamma = None
@@ -57,8 +59,13 @@ def worker(variant: str, threads: int) -> dict:
     step()
     first = time.perf_counter() - start
     rate, rates = _measure.train_images_per_s(step, FULL)
-    return {"train_images_per_s": rate, "windows": rates, "first_step_s": first,
-            "optimizer": type(trainer.optimizer).__name__, "fused": trainer.optimizer.defaults.get("fused")}
+    return {
+        "train_images_per_s": rate,
+        "windows": rates,
+        "first_step_s": first,
+        "optimizer": type(trainer.optimizer).__name__,
+        "fused": trainer.optimizer.defaults.get("fused"),
+    }
 
 
 def main(argv=None) -> int:
@@ -77,24 +84,38 @@ def main(argv=None) -> int:
         if variant == "compile" and args.skip_compile:
             continue
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", variant,
-                               "--threads", str(args.threads)], capture_output=True, text=True, check=True,
-                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
         rows.append({"name": name, **_measure.parse_result(proc.stdout)})
     base = next(r for r in rows if r["name"].startswith("fused AdamW (default)"))
     date = datetime.date.today().isoformat()
     command = "python bench/variants.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"# Training-step variants, {date}", "", f"Command: `{command.strip()}`", "",
-             *([_measure.busy_warning(machine), ""] if _measure.busy_warning(machine) else []),
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {args.threads} threads. "
-             "Default model (1.29M parameters, class-conditional), batch 64, precision auto.", "",
-             "| variant | train img/s | vs default | first step (s) |", "|---|---|---|---|"]
+    lines = [
+        f"# Training-step variants, {date}",
+        "",
+        f"Command: `{command.strip()}`",
+        "",
+        *([_measure.busy_warning(machine), ""] if _measure.busy_warning(machine) else []),
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {args.threads} threads. "
+        "Default model (1.29M parameters, class-conditional), batch 64, precision auto.",
+        "",
+        "| variant | train img/s | vs default | first step (s) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['train_images_per_s']:.1f} | "
-                     f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['first_step_s']:.1f} |")
+        lines.append(
+            f"| {r['name']} | {r['train_images_per_s']:.1f} | "
+            f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['first_step_s']:.1f} |"
+        )
     stem = Path(args.results_dir) / f"variants-{date}"
-    _measure.write_report(stem, {"date": date, "command": command.strip(), "machine": machine, "rows": rows},
-                          "\n".join(lines) + "\n")
+    _measure.write_report(
+        stem, {"date": date, "command": command.strip(), "machine": machine, "rows": rows}, "\n".join(lines) + "\n"
+    )
     return 0
 
 

@@ -5,12 +5,37 @@ import pytest
 import torch
 from torch import nn
 
-from ddpmkit.idx import write_idx
+from ddpmkit.data.idx import write_idx
 
-TINY_MODEL = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-              "--attn-resolutions", "14", "--num-heads", "2", "--timesteps", "50"]
-FAST = ["--batch-size", "8", "--log-every", "5", "--sample-every", "1000", "--checkpoint-every", "1000",
-        "--sample-steps", "2", "--no-progress", "--warmup", "5"]
+TINY_MODEL = [
+    "--base-channels",
+    "8",
+    "--channel-mults",
+    "1,2",
+    "--num-res-blocks",
+    "1",
+    "--attn-resolutions",
+    "14",
+    "--num-heads",
+    "2",
+    "--timesteps",
+    "50",
+]
+FAST = [
+    "--batch-size",
+    "8",
+    "--log-every",
+    "5",
+    "--sample-every",
+    "1000",
+    "--checkpoint-every",
+    "1000",
+    "--sample-steps",
+    "2",
+    "--no-progress",
+    "--warmup",
+    "5",
+]
 
 
 def make_idx_dataset(root, n=48, seed=0):
@@ -20,7 +45,7 @@ def make_idx_dataset(root, n=48, seed=0):
     images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
     for i, c in enumerate(labels):
         r, col = 2 + 8 * (c // 4), 2 + 6 * (c % 4)
-        images[i, r:r + 6, col:col + 6] = 230
+        images[i, r : r + 6, col : col + 6] = 230
     root.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", n), ("t10k", n // 2)):
         write_idx(root / f"{split}-images-idx3-ubyte.gz", images[:count], gzip=True)

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from ddpmkit.schedules import Schedule
+from ddpmkit.core.schedules import Schedule
 
 
 class GaussianEpsNet(nn.Module):

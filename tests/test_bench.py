@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmkit.config import RunConfig
-from ddpmkit.precision import resolve_precision
-from ddpmkit.train import build_net
+from ddpmkit.core.precision import resolve_precision
+from ddpmkit.run.build import net as build_net
+from ddpmkit.run.config import RunConfig
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -50,8 +50,12 @@ def test_matched_model_falls_back_to_default_mults_within_tolerance(speed):
 
 
 def test_quick_speed_run_measures_the_ddpmkit_rows(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "speed.py"), "--quick", "--skip-references",
-                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "speed.py"), "--quick", "--skip-references", "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipping lucidrains: --skip-references" in proc.stderr
     (result_file,) = tmp_path.glob("speed-*.json")

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpmkit import checkpoint
-from ddpmkit.config import RunConfig, apply_overrides
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.train import build_net
+from ddpmkit.run import checkpoint
+from ddpmkit.run.build import net as build_net
+from ddpmkit.run.config import RunConfig, apply_overrides
 
 FILES = {"ema.safetensors", "model.safetensors", "train_state.pt", "state.json"}
 
@@ -27,8 +27,11 @@ def _one_thread(_few_threads):
 
 def snapshot(root) -> dict:
     """{relative path: SHA-256} of every file under root: "nothing changed" is equality."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def net(value: float = 0.0) -> torch.nn.Module:
@@ -115,8 +118,7 @@ def test_tidy_clears_temp_leftovers_and_unpruned_checkpoints(tmp_path):
     (tmp_path / "samples" / ".step-00000003.png.9.00ff00ff.tmp").write_bytes(b"\x89PNG")
     (tmp_path / "metrics.jsonl").write_text("")
     assert checkpoint.tidy(tmp_path, keep=2) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "metrics.jsonl",
-                                                          "samples"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "metrics.jsonl", "samples"]
     assert list((tmp_path / "samples").iterdir()) == []
     assert checkpoint.tidy(tmp_path, keep=2) == 0
 
@@ -174,6 +176,7 @@ def fail_on_call(n, real):
         if len(calls) >= n:
             enospc()
         return real(*args, **kwargs)
+
     return fake
 
 
@@ -190,15 +193,20 @@ def half_written_torch_save(obj, path, *args, **kwargs):
 
 
 FAULTS = {
-    "second safetensors file (disk full)": lambda m: m.setattr(checkpoint, "save_file",
-                                                              fail_on_call(2, checkpoint.save_file)),
-    "first safetensors file (read-only)": lambda m: m.setattr(checkpoint, "save_file", lambda *a, **k: (
-        _ for _ in ()).throw(OSError(errno.EROFS, os.strerror(errno.EROFS)))),
+    "second safetensors file (disk full)": lambda m: m.setattr(
+        checkpoint, "save_file", fail_on_call(2, checkpoint.save_file)
+    ),
+    "first safetensors file (read-only)": lambda m: m.setattr(
+        checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    ),
     "optimizer state half written": lambda m: m.setattr(checkpoint.torch, "save", half_written_torch_save),
     "fsync": lambda m: m.setattr(checkpoint.os, "fsync", enospc),
     "rename into place": lambda m: m.setattr(checkpoint.os, "rename", enospc),
-    "temp directory (read-only run)": lambda m: m.setattr(checkpoint.tempfile, "mkdtemp", lambda *a, **k: (
-        _ for _ in ()).throw(PermissionError(errno.EACCES, os.strerror(errno.EACCES)))),
+    "temp directory (read-only run)": lambda m: m.setattr(
+        checkpoint.tempfile,
+        "mkdtemp",
+        lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, os.strerror(errno.EACCES))),
+    ),
 }
 
 
@@ -224,8 +232,9 @@ def test_a_failed_replace_of_the_same_step_restores_the_old_one(tmp_path, monkey
     save(tmp_path, 4, value=1.0)
     real_rename = os.rename
     # the new checkpoint (a temp directory) cannot take the final name after the old one moved aside
-    monkeypatch.setattr(checkpoint.os, "rename", lambda a, b: enospc() if Path(a).name.startswith(".tmp-ckpt-")
-                        else real_rename(a, b))
+    monkeypatch.setattr(
+        checkpoint.os, "rename", lambda a, b: enospc() if Path(a).name.startswith(".tmp-ckpt-") else real_rename(a, b)
+    )
     with pytest.raises(DdpmkitError, match="No space left"):
         save(tmp_path, 4, value=2.0)
     monkeypatch.undo()
@@ -259,14 +268,22 @@ def torch_file(obj) -> bytes:
 
 
 PAYLOADS = {
-    "torch.save of os.system": (lambda m: torch_file({"optimizer": RunsAShellCommand(m), "cpu_rng": torch.ones(2)}),
-                                lambda path: torch.load(path, weights_only=False)),
-    "torch.save of open(marker, 'w')": (lambda m: torch_file({"optimizer": OpensAFile(m)}),
-                                        lambda path: torch.load(path, weights_only=False)),
-    "raw pickle of os.system": (lambda m: pickle.dumps(RunsAShellCommand(m), protocol=2),
-                                lambda path: pickle.loads(path.read_bytes())),
-    "raw pickle (protocol 4) of open": (lambda m: pickle.dumps([OpensAFile(m)], protocol=4),
-                                        lambda path: pickle.loads(path.read_bytes())),
+    "torch.save of os.system": (
+        lambda m: torch_file({"optimizer": RunsAShellCommand(m), "cpu_rng": torch.ones(2)}),
+        lambda path: torch.load(path, weights_only=False),
+    ),
+    "torch.save of open(marker, 'w')": (
+        lambda m: torch_file({"optimizer": OpensAFile(m)}),
+        lambda path: torch.load(path, weights_only=False),
+    ),
+    "raw pickle of os.system": (
+        lambda m: pickle.dumps(RunsAShellCommand(m), protocol=2),
+        lambda path: pickle.loads(path.read_bytes()),
+    ),
+    "raw pickle (protocol 4) of open": (
+        lambda m: pickle.dumps([OpensAFile(m)], protocol=4),
+        lambda path: pickle.loads(path.read_bytes()),
+    ),
 }
 
 
@@ -296,21 +313,30 @@ def test_corrupt_safetensors_is_a_one_line_error(tmp_path, damage):
     ckpt = save(tmp_path, 1)
     path = ckpt / "ema.safetensors"
     whole = path.read_bytes()
-    path.write_bytes({"empty": b"", "truncated": whole[: len(whole) - 7], "garbage": os.urandom(200),
-                      "bad header length": (9).to_bytes(8, "little") + b'{"a": 1}',
-                      "header too large": b"\xff" * 8 + b"{}"}[damage])
+    path.write_bytes(
+        {
+            "empty": b"",
+            "truncated": whole[: len(whole) - 7],
+            "garbage": os.urandom(200),
+            "bad header length": (9).to_bytes(8, "little") + b'{"a": 1}',
+            "header too large": b"\xff" * 8 + b"{}",
+        }[damage]
+    )
     with pytest.raises(DdpmkitError, match=f"cannot read weights {path}: ") as caught:
         checkpoint.load_weights(net(), path)
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"step": 1, "format": 99}', "has checkpoint format 99, this ddpmkit reads format 1"),
-    (b'{"step": 1}', "has checkpoint format None"),
-    (b'[1, 2]', "has checkpoint format None"),
-    (b'{"step": 1, "form', "cannot read .*state.json: "),
-    (b'\xff\xfe{"step": 1}', "cannot read .*state.json: "),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"step": 1, "format": 99}', "has checkpoint format 99, this ddpmkit reads format 1"),
+        (b'{"step": 1}', "has checkpoint format None"),
+        (b"[1, 2]", "has checkpoint format None"),
+        (b'{"step": 1, "form', "cannot read .*state.json: "),
+        (b'\xff\xfe{"step": 1}', "cannot read .*state.json: "),
+    ],
+)
 def test_state_json_with_a_wrong_format_version_or_damage_is_refused(tmp_path, content, message):
     ckpt = save(tmp_path, 1)
     (ckpt / "state.json").write_bytes(content)
@@ -320,28 +346,35 @@ def test_state_json_with_a_wrong_format_version_or_damage_is_refused(tmp_path, c
 
 
 def tiny_unet_config(**model):
-    config = apply_overrides(RunConfig(), {"model": {"base_channels": 8, "channel_mults": (1, 2), "attn_resolutions": (),
-                                                     "num_heads": 2, **model}})
+    config = apply_overrides(
+        RunConfig(),
+        {"model": {"base_channels": 8, "channel_mults": (1, 2), "attn_resolutions": (), "num_heads": 2, **model}},
+    )
     config.in_channels, config.image_size, config.num_classes = 1, 8, 4
     return config
 
 
 def test_weights_into_another_architecture_name_the_first_mismatching_tensor(tmp_path):
     from safetensors.torch import save_file
+
     small = build_net(tiny_unet_config())
     save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "w.safetensors"))
     wide = build_net(tiny_unet_config(base_channels=16))
     first = next(k for k, v in wide.state_dict().items() if v.shape != small.state_dict()[k].shape)
     with pytest.raises(DdpmkitError, match="do not fit this architecture: shape of ") as caught:
         checkpoint.load_weights(wide, tmp_path / "w.safetensors")
-    assert f"shape of {first} is {tuple(small.state_dict()[first].shape)}, model wants " \
-           f"{tuple(wide.state_dict()[first].shape)}" in str(caught.value)
+    assert (
+        f"shape of {first} is {tuple(small.state_dict()[first].shape)}, model wants "
+        f"{tuple(wide.state_dict()[first].shape)}" in str(caught.value)
+    )
     deeper = build_net(tiny_unet_config(channel_mults=(1, 2, 2)))
     with pytest.raises(DdpmkitError, match="missing .*"):
         checkpoint.load_weights(deeper, tmp_path / "w.safetensors")
 
 
-@pytest.mark.parametrize("text", ["{", '{"model": [1, 2]}', '{"model": {"width": 3}}', "[]", '{"train": {"lr": 1}, "x": 2}'])
+@pytest.mark.parametrize(
+    "text", ["{", '{"model": [1, 2]}', '{"model": {"width": 3}}', "[]", '{"train": {"lr": 1}, "x": 2}']
+)
 def test_a_damaged_config_json_is_one_clear_error(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(DdpmkitError, match="config") as caught:

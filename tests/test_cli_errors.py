@@ -13,16 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL, make_idx_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from ddpmkit import checkpoint
-from ddpmkit.cli import build_parser, main
-from ddpmkit.config import RunConfig, apply_overrides
-from ddpmkit.train import build_net
-from conftest import TINY_MODEL, make_idx_dataset
 from test_checkpoint import snapshot
+
+from ddpmkit.cli import build_parser, main
+from ddpmkit.core.samplers import SAMPLERS
+from ddpmkit.data import DATASETS
+from ddpmkit.errors import either
+from ddpmkit.run import checkpoint
+from ddpmkit.run.build import net as build_net
+from ddpmkit.run.config import OPTIMIZERS, RunConfig, apply_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +35,15 @@ def _one_thread(_few_threads):
 
 def make_run(root: Path, conditional=True, label_dropout=0.1, with_checkpoint=True) -> Path:
     """A run directory with an untrained 8x8 model (T = 20), as `ddpmkit train` leaves it."""
-    config = apply_overrides(RunConfig(), {
-        "model": {"base_channels": 8, "channel_mults": (1, 2), "attn_resolutions": (), "num_heads": 2},
-        "diffusion": {"timesteps": 20}, "sample": {"steps": 2},
-        "data": {"dataset": "mnist", "conditional": conditional, "label_dropout": label_dropout}})
+    config = apply_overrides(
+        RunConfig(),
+        {
+            "model": {"base_channels": 8, "channel_mults": (1, 2), "attn_resolutions": (), "num_heads": 2},
+            "diffusion": {"timesteps": 20},
+            "sample": {"steps": 2},
+            "data": {"dataset": "mnist", "conditional": conditional, "label_dropout": label_dropout},
+        },
+    )
     config.in_channels, config.image_size, config.num_classes = 1, 8, 10
     config.class_names = tuple(str(i) for i in range(10))
     checkpoint.create_run(root, config)
@@ -57,10 +65,17 @@ def ctx(tmp_path_factory):
     folder.mkdir()
     for i in range(4):
         Image.new("L", (30, 30), 40 * i).save(folder / f"{i}.png")
-    return {"root": root, "mnist": mnist, "corrupt": corrupt, "folder30": folder,
-            "run": make_run(root / "run"), "uncond": make_run(root / "uncond", conditional=False),
-            "nodrop": make_run(root / "nodrop", label_dropout=0.0),
-            "empty": make_run(root / "empty", with_checkpoint=False), "notrun": root / "mnist"}
+    return {
+        "root": root,
+        "mnist": mnist,
+        "corrupt": corrupt,
+        "folder30": folder,
+        "run": make_run(root / "run"),
+        "uncond": make_run(root / "uncond", conditional=False),
+        "nodrop": make_run(root / "nodrop", label_dropout=0.0),
+        "empty": make_run(root / "empty", with_checkpoint=False),
+        "notrun": root / "mnist",
+    }
 
 
 def run_cli(argv, capsys) -> tuple:
@@ -81,8 +96,20 @@ def assert_one_line_error(status, out, err, message):
 
 
 def train_argv(ctx, *flags, out=None):
-    return ["train", "--dataset", "mnist", "--data-dir", ctx["mnist"], *TINY_MODEL, "--steps", 3, "--no-progress",
-            "--out", out or ctx["root"] / "new-run", *flags]
+    return [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        ctx["mnist"],
+        *TINY_MODEL,
+        "--steps",
+        3,
+        "--no-progress",
+        "--out",
+        out or ctx["root"] / "new-run",
+        *flags,
+    ]
 
 
 # case -> (argv given ctx, a piece of the message); every train case uses a fresh --out
@@ -94,42 +121,78 @@ TRAIN_CASES = {
     "lr infinite": (lambda c: train_argv(c, "--lr", "inf"), "--lr must be a finite number > 0, got inf"),
     "lr nan": (lambda c: train_argv(c, "--lr", "nan"), "--lr must be a finite number > 0, got nan"),
     "epochs infinite": (lambda c: train_argv(c, "--epochs", "inf"), "--epochs must be a finite number > 0"),
-    "epochs too many to count": (lambda c: train_argv(c, "--epochs", "3.7e306"),  # found by the fuzzer below
-                                 "--epochs 3.7e+306 is more optimizer steps than can be counted"),
+    "epochs too many to count": (
+        lambda c: train_argv(c, "--epochs", "3.7e306"),  # found by the fuzzer below
+        "--epochs 3.7e+306 is more optimizer steps than can be counted",
+    ),
     "timesteps zero": (lambda c: train_argv(c, "--timesteps", 0), "--timesteps must be >= 1, got 0"),
     "sample steps beyond T": (lambda c: train_argv(c, "--sample-steps", 51), "--sample-steps 51 exceeds the 50"),
     "sample steps zero": (lambda c: train_argv(c, "--sample-steps", 0), "sampling steps must be a positive"),
     "eta above 1": (lambda c: train_argv(c, "--eta", 1.5), "--eta must be in [0, 1], got 1.5"),
-    "unknown grid sampler": (lambda c: train_argv(c, "--sampler", "euler"), "unknown sampler 'euler'"),
-    "unknown dataset": (lambda c: train_argv(c, "--dataset", "imagenet"), "Unknown dataset 'imagenet'"),
+    "unknown grid sampler": (
+        lambda c: train_argv(c, "--sampler", "euler"),
+        f"--sampler must be {either(SAMPLERS)}, got 'euler'",
+    ),
+    "unknown dataset": (
+        lambda c: train_argv(c, "--dataset", "imagenet"),
+        f"--dataset must be {either(DATASETS)}, got 'imagenet'",
+    ),
     "unknown schedule": (lambda c: train_argv(c, "--schedule", "sigmoid"), "--schedule must be linear or cosine"),
     "unknown objective": (lambda c: train_argv(c, "--objective", "score"), "--objective must be eps, x0 or v"),
     "unknown arch": (lambda c: train_argv(c, "--arch", "dit"), "--arch must be unet or convnext, got 'dit'"),
-    "unknown optimizer": (lambda c: train_argv(c, "--optimizer", "sgd"), "unknown optimizer 'sgd'"),
+    "unknown optimizer": (
+        lambda c: train_argv(c, "--optimizer", "sgd"),
+        f"--optimizer must be {either(OPTIMIZERS)}, got 'sgd'",
+    ),
     "negative grad clip": (lambda c: train_argv(c, "--grad-clip", -1), "--grad-clip must be >= 0"),
     "label dropout 1": (lambda c: train_argv(c, "--label-dropout", 1), "--label-dropout must be in [0, 1)"),
     "keep zero": (lambda c: train_argv(c, "--keep", 0), "--keep must be >= 1"),
-    "four levels at 28x28": (lambda c: train_argv(c, "--channel-mults", "1,2,2,2"),
-                             "28 is not divisible by 8 (the 4 levels halve it 3 times)"),
-    "folder at 30x30 for 3 levels": (lambda c: train_argv(c, "--dataset", "folder", "--data-dir", c["folder30"],
-                                                          "--image-size", 30, "--channel-mults", "1,2,2",
-                                                          "--attn-resolutions", "", "--unconditional"),
-                                     "30 is not divisible by 4"),
-    "attention at a size no level has": (lambda c: train_argv(c, "--attn-resolutions", 5),
-                                         "attention resolutions [5] match no level; the levels are [28, 14]"),
+    "four levels at 28x28": (
+        lambda c: train_argv(c, "--channel-mults", "1,2,2,2"),
+        "28 is not divisible by 8 (the 4 levels halve it 3 times)",
+    ),
+    "folder at 30x30 for 3 levels": (
+        lambda c: train_argv(
+            c,
+            "--dataset",
+            "folder",
+            "--data-dir",
+            c["folder30"],
+            "--image-size",
+            30,
+            "--channel-mults",
+            "1,2,2",
+            "--attn-resolutions",
+            "",
+            "--unconditional",
+        ),
+        "30 is not divisible by 4",
+    ),
+    "attention at a size no level has": (
+        lambda c: train_argv(c, "--attn-resolutions", 5),
+        "attention resolutions [5] match no level; the levels are [28, 14]",
+    ),
     "missing data dir": (lambda c: train_argv(c, "--data-dir", c["root"] / "nowhere"), "nowhere"),
     "corrupt dataset file": (lambda c: train_argv(c, "--data-dir", c["corrupt"]), "is truncated"),
-    "unlabelled data, conditional": (lambda c: train_argv(c, "--dataset", "folder", "--data-dir", c["folder30"],
-                                                          "--image-size", 28), "train it with --unconditional"),
+    "unlabelled data, conditional": (
+        lambda c: train_argv(c, "--dataset", "folder", "--data-dir", c["folder30"], "--image-size", 28),
+        "train it with --unconditional",
+    ),
     "no budget": (lambda c: [a for a in train_argv(c) if a not in ("--steps", 3)], "give a training budget"),
-    "preset with resume": (lambda c: ["train", "--out", c["run"], "--resume", "--preset", "seed-notebook"],
-                           "--preset cannot be combined with --resume"),
-    "resume a directory with no run": (lambda c: ["train", "--out", c["root"] / "nothing-here", "--resume"],
-                                       "is not a ddpmkit run directory (no config.json)"),
+    "preset with resume": (
+        lambda c: ["train", "--out", c["run"], "--resume", "--preset", "seed-notebook"],
+        "--preset cannot be combined with --resume",
+    ),
+    "resume a directory with no run": (
+        lambda c: ["train", "--out", c["root"] / "nothing-here", "--resume"],
+        "is not a ddpmkit run directory (no config.json)",
+    ),
     "non-numeric steps": (lambda c: train_argv(c, "--steps", "ten"), "argument --steps: invalid int value: 'ten'"),
     "non-numeric lr": (lambda c: train_argv(c, "--lr", "fast"), "argument --lr: invalid float value: 'fast'"),
-    "non-numeric channel mults": (lambda c: train_argv(c, "--channel-mults", "1,two"),
-                                  "argument --channel-mults: invalid comma-separated integers value"),
+    "non-numeric channel mults": (
+        lambda c: train_argv(c, "--channel-mults", "1,two"),
+        "argument --channel-mults: invalid comma-separated integers value",
+    ),
     "unknown flag": (lambda c: train_argv(c, "--learning-rate", 1), "unrecognized arguments: --learning-rate"),
     "device that is not there": (lambda c: train_argv(c, "--device", "tpu"), "--device must be auto, cpu or cuda"),
 }
@@ -147,31 +210,48 @@ def test_train_into_an_existing_run_or_changing_it_on_resume_changes_no_byte(ctx
     run = ctx["run"]
     before = snapshot(run)
     assert_one_line_error(*run_cli(train_argv(ctx, out=run), capsys), "already holds a run; add --resume")
-    assert_one_line_error(*run_cli(["train", "--out", run, "--resume", "--lr", "0.5"], capsys),
-                          "--lr cannot change when resuming (this run has 0.001)")
-    assert_one_line_error(*run_cli(["train", "--out", run, "--resume", "--unconditional"], capsys),
-                          "--unconditional cannot change when resuming (this run has True)")
+    assert_one_line_error(
+        *run_cli(["train", "--out", run, "--resume", "--lr", "0.5"], capsys),
+        "--lr cannot change when resuming (this run has 0.001)",
+    )
+    assert_one_line_error(
+        *run_cli(["train", "--out", run, "--resume", "--unconditional"], capsys),
+        "--unconditional cannot change when resuming (this run has True)",
+    )
     assert snapshot(run) == before
 
 
 SAMPLE_CASES = {
     "steps zero": (lambda c: ["sample", c["run"], "--steps", 0], "sampling steps must be a positive integer"),
-    "steps beyond T": (lambda c: ["sample", c["run"], "--steps", 21], "cannot sample with 21 steps: the model "
-                                                                      "has only T = 20"),
+    "steps beyond T": (
+        lambda c: ["sample", c["run"], "--steps", 21],
+        "cannot sample with 21 steps: the model has only T = 20",
+    ),
     "eta above 1": (lambda c: ["sample", c["run"], "--eta", 1.01], "--eta must be in [0, 1], got 1.01"),
     "eta below 0": (lambda c: ["sample", c["run"], "--eta", -0.5], "--eta must be in [0, 1], got -0.5"),
-    "guidance, unconditional model": (lambda c: ["sample", c["uncond"], "--guidance", 3],
-                                      "--guidance needs a class-conditional model"),
-    "guidance, no label dropout": (lambda c: ["sample", c["nodrop"], "--guidance", 3],
-                                   "--guidance needs a model trained with label dropout"),
+    "guidance, unconditional model": (
+        lambda c: ["sample", c["uncond"], "--guidance", 3],
+        "--guidance needs a class-conditional model",
+    ),
+    "guidance, no label dropout": (
+        lambda c: ["sample", c["nodrop"], "--guidance", 3],
+        "--guidance needs a model trained with label dropout",
+    ),
     "guidance nan": (lambda c: ["sample", c["run"], "--guidance", "nan"], "--guidance must be a finite number"),
     "guidance negative": (lambda c: ["sample", c["run"], "--guidance", -2], "--guidance must be a finite number"),
-    "class out of range": (lambda c: ["sample", c["run"], "--class", 10], "class 10 is out of range: this model "
-                                                                          "has classes 0..9"),
+    "class out of range": (
+        lambda c: ["sample", c["run"], "--class", 10],
+        "class 10 is out of range: this model has classes 0..9",
+    ),
     "class negative": (lambda c: ["sample", c["run"], "--class", -1], "class -1 is out of range"),
-    "class, unconditional model": (lambda c: ["sample", c["uncond"], "--class", 3], "--class needs a "
-                                                                                   "class-conditional model"),
-    "unknown sampler": (lambda c: ["sample", c["run"], "--sampler", "heun"], "unknown sampler 'heun'"),
+    "class, unconditional model": (
+        lambda c: ["sample", c["uncond"], "--class", 3],
+        "--class needs a class-conditional model",
+    ),
+    "unknown sampler": (
+        lambda c: ["sample", c["run"], "--sampler", "heun"],
+        f"--sampler must be {either(SAMPLERS)}, got 'heun'",
+    ),
     "unknown spacing": (lambda c: ["sample", c["run"], "--spacing", "log"], "unknown spacing 'log'"),
     "n zero": (lambda c: ["sample", c["run"], "--n", 0], "--n must be >= 1, got 0"),
     "batch size zero": (lambda c: ["sample", c["run"], "--batch-size", 0], "--batch-size must be >= 1"),
@@ -194,26 +274,50 @@ def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(ctx, capsys, cas
 
 def test_sample_works_on_the_fixture_run(ctx, capsys, tmp_path):
     """The sample cases above fail for their flag, not because the fixture run is broken."""
-    status, out, err = run_cli(["sample", ctx["run"], "--n", 4, "--steps", 2, "--guidance", 2,
-                                "--out", tmp_path / "s.png"], capsys)
+    status, out, err = run_cli(
+        ["sample", ctx["run"], "--n", 4, "--steps", 2, "--guidance", 2, "--out", tmp_path / "s.png"], capsys
+    )
     assert status == 0 and (tmp_path / "s.png").is_file(), err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--out", "{root}/sub", "--dataset", "mnist", "--data-dir", "{mnist}", "--batch-size", "0",
-      "--steps", "2"], "ddpmkit train: error: --batch-size must be >= 1, got 0"),
-    (["sample", "{mnist}", "--steps", "4"], "ddpmkit sample: error: {mnist} is not a ddpmkit run directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "train",
+                "--out",
+                "{root}/sub",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                "{mnist}",
+                "--batch-size",
+                "0",
+                "--steps",
+                "2",
+            ],
+            "ddpmkit train: error: --batch-size must be >= 1, got 0",
+        ),
+        (["sample", "{mnist}", "--steps", "4"], "ddpmkit sample: error: {mnist} is not a ddpmkit run directory"),
+    ],
+)
 def test_a_real_process_exits_2_with_a_single_stderr_line(ctx, argv, message):
     fill = {k: str(v) for k, v in ctx.items()}
-    result = subprocess.run([sys.executable, "-m", "ddpmkit", *[a.format(**fill) for a in argv]],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpmkit", *[a.format(**fill) for a in argv]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(message.format(**fill)), result.stderr
     assert not (ctx["root"] / "sub").exists()
 
 
 # ---- random argument lists -----------------------------------------------------------------------
+
 
 def _options(command: str) -> dict:
     """{option: its argparse action} of a subcommand, read from the parser itself."""
@@ -222,14 +326,47 @@ def _options(command: str) -> dict:
     return {a.option_strings[-1]: a for a in sub.choices[command]._actions if a.option_strings}
 
 
-WORDS = st.sampled_from(["ddim", "dpm++", "ddpm", "cosine", "linear", "v", "x0", "eps", "convnext", "unet", "folder",
-                         "mnist", "cifar10", "skip", "stop", "fp16", "bf16", "fp32", "trailing", "quadratic", "ema",
-                         "model", "cpu", "cuda", "auto", "full", "nearest", "seed-notebook", "x_t", "both"])
+WORDS = st.sampled_from(
+    [
+        "ddim",
+        "dpm++",
+        "ddpm",
+        "cosine",
+        "linear",
+        "v",
+        "x0",
+        "eps",
+        "convnext",
+        "unet",
+        "folder",
+        "mnist",
+        "cifar10",
+        "skip",
+        "stop",
+        "fp16",
+        "bf16",
+        "fp32",
+        "trailing",
+        "quadratic",
+        "ema",
+        "model",
+        "cpu",
+        "cuda",
+        "auto",
+        "full",
+        "nearest",
+        "seed-notebook",
+        "x_t",
+        "both",
+    ]
+)
 JUNK = st.one_of(st.sampled_from(["", " ", "-1", "--", "1,2", "nan", "1e999"]), st.text(string.printable, max_size=8))
 NUMBERS = {
     int: st.integers(-3, 64).map(str),
-    float: st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
-                     st.sampled_from(["0", "1", "0.1", "0.5", "1.5", "-1", "2", "1e-4", "1e30"])),
+    float: st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+        st.sampled_from(["0", "1", "0.1", "0.5", "1.5", "-1", "2", "1e-4", "1e30"]),
+    ),
 }
 
 
@@ -306,5 +443,8 @@ def test_random_sample_arguments_exit_0_or_2(ctx, argv, run):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=argument_lists("forward"))
 def test_random_forward_arguments_exit_0_or_2(ctx, argv):
-    assert fuzz([*argv, "--data-dir", str(ctx["root"] / "no-data"), "--out", str(ctx["root"] / "f.png")]) == 2 \
-        or "--help" in argv or "-h" in argv
+    assert (
+        fuzz([*argv, "--data-dir", str(ctx["root"] / "no-data"), "--out", str(ctx["root"] / "f.png")]) == 2
+        or "--help" in argv
+        or "-h" in argv
+    )

@@ -3,17 +3,26 @@
 import torch
 
 from ddpmkit.cli import _given, build_parser
-from ddpmkit.config import RunConfig, apply_overrides
 from ddpmkit.data import DatasetInfo, ImageData
+from ddpmkit.run.config import RunConfig, apply_overrides
 from ddpmkit.train import Trainer
 
 
 def _trainer(tmp_path, compile: bool) -> Trainer:
-    config = apply_overrides(RunConfig(), {
-        "model": {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
-                  "num_heads": 2},
-        "diffusion": {"timesteps": 50},
-        "train": {"batch_size": 8, "warmup": 0, "precision": "fp32", "compile": compile}})
+    config = apply_overrides(
+        RunConfig(),
+        {
+            "model": {
+                "base_channels": 8,
+                "channel_mults": (1, 2),
+                "num_res_blocks": 1,
+                "attn_resolutions": (4,),
+                "num_heads": 2,
+            },
+            "diffusion": {"timesteps": 50},
+            "train": {"batch_size": 8, "warmup": 0, "precision": "fp32", "compile": compile},
+        },
+    )
     config.in_channels, config.image_size, config.num_classes, config.class_names = 1, 8, 2, ("a", "b")
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return Trainer(config, tmp_path, ImageData(images, torch.arange(16) % 2, DatasetInfo("t", 1, 8, 2, ("a", "b"))))

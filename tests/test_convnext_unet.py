@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import perturb
 
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.models import ConvNeXtUNet, build_model, count_parameters
-from conftest import perturb
 
 # The seed-001 notebook's UNet(max_t=500, m=3, n_class=10), re-implemented outside the repository,
 # has 2,038,132 trainable parameters (plus a frozen 501 x 112 table of step embeddings); ours adds
@@ -61,9 +61,7 @@ def test_every_size_comes_back_to_itself(image_size):
 @pytest.mark.parametrize("image_size", [28, 32])
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_output_has_the_input_shape(image_size, in_channels):
-    model = ConvNeXtUNet(
-        in_channels=in_channels, image_size=image_size, channels=(4, 4, 8, 8), mult=1
-    )
+    model = ConvNeXtUNet(in_channels=in_channels, image_size=image_size, channels=(4, 4, 8, 8), mult=1)
     x, t = batch(model)
     assert model(x, t).shape == x.shape
 

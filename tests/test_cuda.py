@@ -6,22 +6,38 @@ which prints their result). Everything else in the suite runs on the CPU."""
 import pytest
 import torch
 
-from ddpmkit.config import RunConfig, apply_overrides
 from ddpmkit.data import DatasetInfo, ImageData
-from ddpmkit.sampling import denoiser_for, generate
+from ddpmkit.run.build import denoiser as denoiser_for
+from ddpmkit.run.config import RunConfig, apply_overrides
+from ddpmkit.run.sampling import generate
 from ddpmkit.train import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _config(**train):
-    config = apply_overrides(RunConfig(), {
-        "model": {"base_channels": 16, "channel_mults": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
-                  "num_heads": 2},
-        "diffusion": {"timesteps": 50},
-        "train": {"batch_size": 8, "warmup": 0, "sample_every": 10**6, "checkpoint_every": 10**6, "log_every": 1,
-                  **train},
-        "sample": {"steps": 5, "precision": "fp32"}})
+    config = apply_overrides(
+        RunConfig(),
+        {
+            "model": {
+                "base_channels": 16,
+                "channel_mults": (1, 2),
+                "num_res_blocks": 1,
+                "attn_resolutions": (4,),
+                "num_heads": 2,
+            },
+            "diffusion": {"timesteps": 50},
+            "train": {
+                "batch_size": 8,
+                "warmup": 0,
+                "sample_every": 10**6,
+                "checkpoint_every": 10**6,
+                "log_every": 1,
+                **train,
+            },
+            "sample": {"steps": 5, "precision": "fp32"},
+        },
+    )
     config.in_channels, config.image_size, config.num_classes, config.class_names = 1, 8, 2, ("a", "b")
     return config
 

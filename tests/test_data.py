@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ddpmkit import data
 from ddpmkit.data import (
     DATASETS,
     FolderDataset,
     ImageData,
+    datasets,
+    folder,
     load_dataset,
     open_folder_dataset,
     resize_center_crop,
@@ -31,8 +32,8 @@ from ddpmkit.data import (
     to_model_range,
     to_uint8,
 )
+from ddpmkit.data.idx import write_idx
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.idx import write_idx
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -40,11 +41,11 @@ REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """No test sees this machine's datasets, cache or network unless it asks for them."""
-    monkeypatch.setattr(data, "DEBIAN_DATA_ROOT", tmp_path / "debian")
+    monkeypatch.setattr(datasets, "DEBIAN_DATA_ROOT", tmp_path / "debian")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("DDPMKIT_DATA_DIR", raising=False)
     for name in ("mnist", "fashion-mnist", "cifar10"):
-        monkeypatch.setitem(data.MIRRORS, name, ["http://127.0.0.1:9/"])  # the discard port: nothing listens
+        monkeypatch.setitem(datasets.MIRRORS, name, ["http://127.0.0.1:9/"])  # the discard port: nothing listens
 
 
 @pytest.fixture
@@ -77,6 +78,7 @@ def make_idx_split(directory: Path, n: int, split="train", compress=True, height
 
 # ---------------------------------------------------------------- pixel conversions
 
+
 def test_pixel_conversions_round_trip_exactly():
     pixels = torch.arange(256, dtype=torch.uint8)
     x = to_model_range(pixels)
@@ -95,6 +97,7 @@ def test_resize_center_crop_keeps_the_middle():
 
 
 # ---------------------------------------------------------------- MNIST-style IDX datasets
+
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_dataset_from_data_dir(tmp_path, compress):
@@ -123,7 +126,7 @@ def test_search_order_data_dir_then_env_then_debian_then_cache(tmp_path, monkeyp
     assert len(load_dataset("mnist")) == 3
     monkeypatch.delenv("DDPMKIT_DATA_DIR")
     assert len(load_dataset("mnist")) == 4
-    monkeypatch.setattr(data, "DEBIAN_DATA_ROOT", tmp_path / "nowhere")
+    monkeypatch.setattr(datasets, "DEBIAN_DATA_ROOT", tmp_path / "nowhere")
     assert len(load_dataset("mnist", download=False)) == 5
 
 
@@ -143,9 +146,9 @@ def test_nothing_found_without_download_lists_the_places(tmp_path):
 def test_download_lands_in_the_cache(http_dir, tmp_path, monkeypatch):
     www, url = http_dir
     images = make_idx_split(www, 6)
-    monkeypatch.setitem(data.MIRRORS, "mnist", ["http://127.0.0.1:9/", url])  # first mirror refuses
+    monkeypatch.setitem(datasets.MIRRORS, "mnist", ["http://127.0.0.1:9/", url])  # first mirror refuses
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in www.iterdir()}
-    monkeypatch.setitem(data.SHA256, "mnist", digests)
+    monkeypatch.setitem(datasets.SHA256, "mnist", digests)
     loaded = load_dataset("mnist", progress=False)
     assert torch.equal(loaded.images[:, 0], torch.from_numpy(images))
     cached = tmp_path / "cache" / "ddpmkit" / "mnist"
@@ -155,8 +158,8 @@ def test_download_lands_in_the_cache(http_dir, tmp_path, monkeypatch):
 def test_download_with_a_wrong_checksum_fails_cleanly(http_dir, tmp_path, monkeypatch):
     www, url = http_dir
     make_idx_split(www, 6)
-    monkeypatch.setitem(data.MIRRORS, "mnist", [url])
-    monkeypatch.setitem(data.SHA256, "mnist", {p.name: "0" * 64 for p in www.iterdir()})
+    monkeypatch.setitem(datasets.MIRRORS, "mnist", [url])
+    monkeypatch.setitem(datasets.SHA256, "mnist", {p.name: "0" * 64 for p in www.iterdir()})
     with pytest.raises(DdpmkitError, match="checksum mismatch"):
         load_dataset("mnist", progress=False)
     assert not list((tmp_path / "cache" / "ddpmkit" / "mnist").iterdir())
@@ -168,8 +171,12 @@ def test_download_with_a_wrong_checksum_fails_cleanly(http_dir, tmp_path, monkey
         (lambda d: write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(4, np.uint8), gzip=True), "does not match"),
         (lambda d: write_idx(d / "train-labels-idx1-ubyte.gz", np.full(5, 10, np.uint8), gzip=True), "below 10"),
         (lambda d: make_idx_split(d, 5, height=27), "not uint8 28x28"),
-        (lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(gzip.decompress((d / "train-images-idx3-ubyte.gz").read_bytes())[:-1])), "truncated"),
+        (
+            lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
+                gzip.compress(gzip.decompress((d / "train-images-idx3-ubyte.gz").read_bytes())[:-1])
+            ),
+            "truncated",
+        ),
     ],
 )
 def test_corrupt_local_files_name_the_file(tmp_path, damage, message):
@@ -203,7 +210,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, kwargs, message):
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason=f"{REAL_FASHION} does not exist (Debian dataset-fashion-mnist)")
 def test_real_debian_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_DATA_ROOT", REAL_FASHION.parent)
+    monkeypatch.setattr(datasets, "DEBIAN_DATA_ROOT", REAL_FASHION.parent)
     fashion = load_dataset("fashion-mnist", download=False)
     assert fashion.images.shape == (60000, 1, 28, 28) and fashion.info.num_classes == 10
     assert torch.bincount(fashion.labels).tolist() == [6000] * 10
@@ -211,6 +218,7 @@ def test_real_debian_fashion_mnist(monkeypatch):
 
 
 # ---------------------------------------------------------------- CIFAR-10
+
 
 class Py2Pickler(pickle._Pickler):
     """Pickles the way the real CIFAR-10 files were made: Python 2 strings and numpy.core names."""
@@ -246,12 +254,18 @@ def cifar_members(per_batch=2, meta=True, labels=None):
     rng = np.random.default_rng(0)
     members = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        members[name] = py2_pickle({"batch_label": "batch", "labels": labels or [i % 10 for i in range(per_batch)],
-                                    "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                                    "filenames": ["x.png"] * per_batch})
+        members[name] = py2_pickle(
+            {
+                "batch_label": "batch",
+                "labels": labels or [i % 10 for i in range(per_batch)],
+                "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                "filenames": ["x.png"] * per_batch,
+            }
+        )
     if meta:
-        members["batches.meta"] = py2_pickle({"label_names": [f"class{i}" for i in range(10)],
-                                              "num_cases_per_batch": per_batch, "num_vis": 3072})
+        members["batches.meta"] = py2_pickle(
+            {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}
+        )
     return members
 
 
@@ -288,8 +302,8 @@ def test_cifar10_from_an_extracted_directory_without_meta(tmp_path):
 def test_cifar10_download_lands_in_the_cache(http_dir, tmp_path, monkeypatch):
     www, url = http_dir
     tarball = write_cifar_tarball(www / "cifar-10-python.tar.gz", cifar_members())
-    monkeypatch.setitem(data.MIRRORS, "cifar10", [url])
-    monkeypatch.setitem(data.SHA256, "cifar10", {tarball.name: hashlib.sha256(tarball.read_bytes()).hexdigest()})
+    monkeypatch.setitem(datasets.MIRRORS, "cifar10", [url])
+    monkeypatch.setitem(datasets.SHA256, "cifar10", {tarball.name: hashlib.sha256(tarball.read_bytes()).hexdigest()})
     assert len(load_dataset("cifar10", progress=False)) == 10
     assert (tmp_path / "cache" / "ddpmkit" / "cifar10" / tarball.name).read_bytes() == tarball.read_bytes()
 
@@ -337,6 +351,7 @@ def test_corrupt_cifar_files_are_clear_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- image folders
+
 
 def save_image(path: Path, mode="RGB", size=(12, 12), color=(200, 30, 30), fmt=None):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,7 +448,7 @@ def test_folder_errors(tmp_path, setup, kwargs, message):
 
 def test_too_big_for_memory_points_to_streaming(tmp_path, monkeypatch):
     save_image(tmp_path / "a.png")
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 100)
+    monkeypatch.setattr(folder, "IN_MEMORY_MAX_BYTES", 100)
     with pytest.raises(DdpmkitError, match="open_folder_dataset"):
         load_dataset("folder", data_dir=tmp_path, image_size=8)
 
@@ -462,7 +477,8 @@ fuzzed_png = st.one_of(
     st.binary(max_size=200),
     st.binary(max_size=200).map(lambda tail: VALID_PNG[:16] + tail),
     st.tuples(st.integers(0, len(VALID_PNG) - 1), st.integers(0, 255), st.integers(1, len(VALID_PNG))).map(
-        lambda t: (VALID_PNG[: t[0]] + bytes([t[1]]) + VALID_PNG[t[0] + 1:])[: t[2]]),
+        lambda t: (VALID_PNG[: t[0]] + bytes([t[1]]) + VALID_PNG[t[0] + 1 :])[: t[2]]
+    ),
 )
 
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from ddpmkit import diffusion as D
+from ddpmkit.core import diffusion as D
+from ddpmkit.core import losses
+from ddpmkit.core.schedules import cosine, linear
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.schedules import cosine, linear
 
 
 @pytest.fixture
@@ -55,8 +56,8 @@ def test_posterior_is_bayes_rule(sch):
 
 def test_loss_is_zero_for_perfect_prediction_and_per_example(sch):
     out = torch.randn(4, 1, 3, 3)
-    assert torch.equal(D.loss_per_example(out, out), torch.zeros(4))
-    loss = D.loss_per_example(out, torch.zeros_like(out))
+    assert torch.equal(losses.loss_per_example(out, out), torch.zeros(4))
+    loss = losses.loss_per_example(out, torch.zeros_like(out))
     assert loss.shape == (4,) and torch.allclose(loss, out.pow(2).flatten(1).mean(1))
 
 
@@ -64,15 +65,15 @@ def test_min_snr_weights():
     sch = linear(1000)
     t = torch.tensor([1, 500, 1000])
     snr = D.snr(sch, t)
-    w = D.min_snr_weight("x0", sch, t, 5.0)
+    w = losses.min_snr_weight("x0", sch, t, 5.0)
     assert torch.allclose(w, snr.clamp(max=5.0))
-    w_eps = D.min_snr_weight("eps", sch, t, 5.0)
+    w_eps = losses.min_snr_weight("eps", sch, t, 5.0)
     assert torch.allclose(w_eps, snr.clamp(max=5.0) / snr)
     assert float(w_eps[-1]) == pytest.approx(1.0)  # low SNR: eps loss unchanged
 
 
 def test_sample_t_range():
-    t = D.sample_t(5000, 10, "cpu", torch.Generator().manual_seed(0))
+    t = losses.sample_t(5000, 10, "cpu", torch.Generator().manual_seed(0))
     assert int(t.min()) == 1 and int(t.max()) == 10
 
 

@@ -17,20 +17,50 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpmkit import checkpoint, distributed, train
 from ddpmkit.cli import main
-from ddpmkit.config import PRESETS, RunConfig, apply_overrides, validate
 from ddpmkit.data import DatasetInfo, ImageData
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.models import UNet, count_parameters
 from ddpmkit.models.layers import ResBlock
-from ddpmkit.train import Trainer, batch_indices, build_net
+from ddpmkit.run import checkpoint
+from ddpmkit.run.build import net as build_net
+from ddpmkit.run.config import RunConfig, apply_overrides, validate
+from ddpmkit.run.presets import PRESETS
+from ddpmkit.train import distributed
+from ddpmkit.train import trainer as train
+from ddpmkit.train.trainer import Trainer, batch_indices
 
 # MNIST-format data at 16x16, an 8-channel U-Net, T = 50; fp32 and no dropout, so that one and two
 # processes compute the same numbers up to float summation order
-TINY = ["--image-size", "16", "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-        "--attn-resolutions", "8", "--num-heads", "2", "--timesteps", "50", "--sample-steps", "2",
-        "--no-progress", "--warmup", "5", "--precision", "fp32", "--dropout", "0", "--seed", "3", "--lr", "2e-3"]
+TINY = [
+    "--image-size",
+    "16",
+    "--base-channels",
+    "8",
+    "--channel-mults",
+    "1,2",
+    "--num-res-blocks",
+    "1",
+    "--attn-resolutions",
+    "8",
+    "--num-heads",
+    "2",
+    "--timesteps",
+    "50",
+    "--sample-steps",
+    "2",
+    "--no-progress",
+    "--warmup",
+    "5",
+    "--precision",
+    "fp32",
+    "--dropout",
+    "0",
+    "--seed",
+    "3",
+    "--lr",
+    "2e-3",
+]
 
 
 def _losses(run_dir):
@@ -68,13 +98,43 @@ def _assert_same_network(run_a, run_b, step):
 
 
 def test_two_processes_match_one_process_with_twice_the_batch(tiny_mnist, tmp_path, capsys):
-    data = ["--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY, "--log-every", "1",
-            "--sample-every", "1000", "--checkpoint-every", "10", "--keep", "2"]
+    data = [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tiny_mnist),
+        *TINY,
+        "--log-every",
+        "1",
+        "--sample-every",
+        "1000",
+        "--checkpoint-every",
+        "10",
+        "--keep",
+        "2",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *data, "--batch-size", "16", "--steps", "20", "--out", str(one)]) == 0
-    launched = subprocess.run([sys.executable, "-m", "ddpmkit", "train", "--nproc", "2", *data,
-                               "--batch-size", "8", "--steps", "10", "--out", str(two)],
-                              capture_output=True, text=True, timeout=300)
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddpmkit",
+            "train",
+            "--nproc",
+            "2",
+            *data,
+            "--batch-size",
+            "8",
+            "--steps",
+            "10",
+            "--out",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[:3000] + "\n...\n" + launched.stderr[-3000:]
     assert launched.stdout.count("trained to step 10") == 1  # rank 0 alone reports
 
@@ -85,8 +145,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_mnist, tmp_pa
     # resume on one process: the global batch must stay 16, so --grad-accum 2 (8 x 1 x 2)
     assert main(["train", "--out", str(two), "--resume", "--steps", "20", "--no-progress"]) == 2
     assert "global batch of 16" in capsys.readouterr().err
-    assert main(["train", "--out", str(two), "--resume", "--steps", "20", "--grad-accum", "2",
-                 "--no-progress"]) == 0
+    assert main(["train", "--out", str(two), "--resume", "--steps", "20", "--grad-accum", "2", "--no-progress"]) == 0
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-4)
     _assert_same_network(one, two, 20)
 
@@ -96,18 +155,53 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_mnist, tmp_pa
 
 def test_ranks_hold_identical_ema_and_only_rank_zero_writes(tiny_mnist, tmp_path):
     run, report = tmp_path / "run", tmp_path / "report.json"
-    args = ["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY, "--batch-size", "4",
-            "--grad-accum", "2", "--steps", "4", "--log-every", "1", "--sample-every", "2",
-            "--checkpoint-every", "2", "--keep", "1", "--grad-checkpointing", "--out", str(run)]
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               __file__, str(run), str(report), *args], capture_output=True, text=True, timeout=300)
+    args = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tiny_mnist),
+        *TINY,
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--steps",
+        "4",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--keep",
+        "1",
+        "--grad-checkpointing",
+        "--out",
+        str(run),
+    ]
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            __file__,
+            str(run),
+            str(report),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[:3000] + "\n...\n" + launched.stderr[-3000:]
     ranks = [json.loads(Path(f"{report}.{rank}").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["ema"] == ranks[1]["ema"] and ranks[0]["model"] == ranks[1]["model"]
     assert ranks[1]["writes"] == [] and ranks[0]["writes"]  # rank 0 wrote, rank 1 nothing
-    assert {p.name for p in run.iterdir()} == {"config.json", "ckpt-00000004", "metrics.jsonl", "loss.png",
-                                               "samples"}
+    assert {p.name for p in run.iterdir()} == {"config.json", "ckpt-00000004", "metrics.jsonl", "loss.png", "samples"}
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
     assert len(_losses(run)) == 4
 
@@ -124,7 +218,8 @@ def _worker(run_dir: str, report: str, argv: list[str]) -> int:
             path = os.fsdecode(os.fspath(args[0])) if isinstance(args[0], (str, bytes, os.PathLike)) else ""
             mode, flags = (args[1], args[2]) if event == "open" else ("w", 0)
             writing = (mode is not None and any(c in str(mode) for c in "wxa+")) or (
-                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
             if path.startswith(run_dir) and writing:
                 writes.append(f"{event} {path}")
 
@@ -133,8 +228,12 @@ def _worker(run_dir: str, report: str, argv: list[str]) -> int:
 
     def fit_and_report(self, *args, **kwargs):
         step = fit(self, *args, **kwargs)
-        digest = {name: hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values()))
-                  .hexdigest() for name, module in (("ema", self.ema), ("model", self.model))}
+        digest = {
+            name: hashlib.sha256(
+                b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values())
+            ).hexdigest()
+            for name, module in (("ema", self.ema), ("model", self.model))
+        }
         Path(f"{report}.{rank}").write_text(json.dumps({"rank": rank, **digest, "writes": writes}))
         return step
 
@@ -188,13 +287,30 @@ def test_without_option_strips_nproc_in_every_spelling():
 
 
 def _tiny_config(**train_overrides):
-    config = apply_overrides(RunConfig(), {
-        "model": {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
-                  "num_heads": 2},
-        "diffusion": {"timesteps": 50},
-        "train": {"batch_size": 8, "lr": 1e-3, "warmup": 0, "sample_every": 10**6, "checkpoint_every": 10**6,
-                  "log_every": 1, "ema_decay": 0.9, **train_overrides},
-        "sample": {"steps": 2}})
+    config = apply_overrides(
+        RunConfig(),
+        {
+            "model": {
+                "base_channels": 8,
+                "channel_mults": (1, 2),
+                "num_res_blocks": 1,
+                "attn_resolutions": (4,),
+                "num_heads": 2,
+            },
+            "diffusion": {"timesteps": 50},
+            "train": {
+                "batch_size": 8,
+                "lr": 1e-3,
+                "warmup": 0,
+                "sample_every": 10**6,
+                "checkpoint_every": 10**6,
+                "log_every": 1,
+                "ema_decay": 0.9,
+                **train_overrides,
+            },
+            "sample": {"steps": 2},
+        },
+    )
     config.in_channels, config.image_size, config.num_classes, config.class_names = 3, 8, 2, ("a", "b")
     return config
 
@@ -262,8 +378,18 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path):
 
 def _random_unet(**kwargs):
     torch.manual_seed(0)
-    net = UNet(in_channels=3, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-               attn_resolutions=(4,), num_heads=2, num_classes=3, dropout=0.2, **kwargs)
+    net = UNet(
+        in_channels=3,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        num_heads=2,
+        num_classes=3,
+        dropout=0.2,
+        **kwargs,
+    )
     with torch.no_grad():
         for p in net.parameters():  # zero-initialised layers would hide most of the gradient
             p.add_(0.1 * torch.randn_like(p))
@@ -314,14 +440,20 @@ DOWNSAMPLE_4X4_EXTRA = 7 * (128**2 + 256**2 + 256**2)
 
 
 def scale_shift_extra(net) -> int:
-    return sum((b.emb_proj[1].in_features + 1) * b.emb_proj[1].out_features // 2
-               for b in net.modules() if isinstance(b, ResBlock))
+    return sum(
+        (b.emb_proj[1].in_features + 1) * b.emb_proj[1].out_features // 2
+        for b in net.modules()
+        if isinstance(b, ResBlock)
+    )
 
 
-@pytest.mark.parametrize("name, size, classes, expected", [
-    ("cifar10-ddpm", 32, 10, DDPM_CIFAR10 + DOWNSAMPLE_4X4_EXTRA + 11 * 512),  # + class table (10 + null) x 512
-    ("imagenet64", 64, 1000, None),
-])
+@pytest.mark.parametrize(
+    "name, size, classes, expected",
+    [
+        ("cifar10-ddpm", 32, 10, DDPM_CIFAR10 + DOWNSAMPLE_4X4_EXTRA + 11 * 512),  # + class table (10 + null) x 512
+        ("imagenet64", 64, 1000, None),
+    ],
+)
 def test_presets_build_with_their_parameter_counts(name, size, classes, expected):
     config = apply_overrides(RunConfig(preset=name), PRESETS[name])
     validate(config)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ddpmkit.fileio import atomic_write
-from ddpmkit.download import cache_dir, download, sha256_file
+from ddpmkit.data.download import cache_dir, download, sha256_file
 from ddpmkit.errors import DdpmkitError
+from ddpmkit.fileio import atomic_write
 
 BODY = bytes(range(256)) * 40  # 10 KiB
 DIGEST = hashlib.sha256(BODY).hexdigest()

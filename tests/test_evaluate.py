@@ -7,13 +7,13 @@ import urllib.error
 
 import pytest
 import torch
-
-from ddpmkit import domain, evaluate
-from ddpmkit.cli import main
-from ddpmkit.data import load_dataset, to_model_range
-from ddpmkit.evaluate import (InceptionMetrics, InceptionUnavailable, feature_stats, frechet_distance,
-                              gaussian_blur, inception_score, precision_recall)
 from conftest import FAST, TINY_MODEL, make_idx_dataset
+
+from ddpmkit.cli import main
+from ddpmkit.data import load_dataset, to_model_range, to_uint8
+from ddpmkit.eval import domain, inception
+from ddpmkit.eval.inception import InceptionMetrics, InceptionUnavailable
+from ddpmkit.eval.metrics import feature_stats, frechet_distance, gaussian_blur, inception_score, precision_recall
 
 
 def _gaussian(n, mean, cov, seed):
@@ -46,7 +46,8 @@ def test_fd_of_diagonal_gaussians_is_the_closed_form():
 
 def test_fd_of_non_commuting_2x2_covariances_is_the_closed_form():
     """For 2x2 PSD A with eigenvalues l1, l2: tr sqrt(A) = sqrt(l1) + sqrt(l2) = sqrt(tr A + 2 sqrt(det A)),
-    and S1 S2 has the eigenvalues of the PSD S1^(1/2) S2 S1^(1/2), so tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))."""
+    and S1 S2 has the eigenvalues of the PSD S1^(1/2) S2 S1^(1/2),
+    so tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))."""
     s1 = torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
     s2 = torch.tensor([[0.5, -0.3], [-0.3, 3.0]], dtype=torch.float64)
     mu1, mu2 = torch.tensor([0.3, -1.0], dtype=torch.float64), torch.tensor([-0.2, 0.4], dtype=torch.float64)
@@ -120,7 +121,7 @@ def test_inception_wiring_with_a_stand_in_extractor_matches_torchmetrics():
     tm_is = pytest.importorskip("torchmetrics.image.inception")
     fake = _FakeInception()
     real, generated = _images(300, 0), _images(200, 1, shift=0.15)
-    ref_feats, _ = evaluate.inception_features(fake, real)
+    ref_feats, _ = inception.inception_features(fake, real)
     metrics = InceptionMetrics(fake, *feature_stats(ref_feats), batch_size=64)
     scores = metrics.score(generated)
     assert math.isfinite(scores["fid"]) and scores["fid"] > 0 and scores["inception_score"] >= 1
@@ -135,12 +136,12 @@ def test_inception_wiring_with_a_stand_in_extractor_matches_torchmetrics():
             return fake(x)[self.index].double()
 
     reference = tm_fid.FrechetInceptionDistance(feature=FeaturesOnly(0), input_img_size=(3, 12, 12))
-    reference.update(evaluate.to_uint8(real), real=True)
-    reference.update(evaluate.to_uint8(generated), real=False)
+    reference.update(to_uint8(real), real=True)
+    reference.update(to_uint8(generated), real=False)
     assert scores["fid"] == pytest.approx(reference.compute().item(), rel=1e-6)
-    ours = evaluate.inception_score(evaluate.inception_features(fake, generated)[1], splits=1)[0]
+    ours = inception_score(inception.inception_features(fake, generated)[1], splits=1)[0]
     theirs = tm_is.InceptionScore(feature=FeaturesOnly(1), splits=1)
-    theirs.update(evaluate.to_uint8(generated))
+    theirs.update(to_uint8(generated))
     assert ours == pytest.approx(theirs.compute()[0].item(), rel=1e-6)
 
 
@@ -151,16 +152,16 @@ def test_inception_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
     def offline(url, dest, progress):
         raise urllib.error.URLError("offline")
 
-    monkeypatch.setattr(evaluate, "_fetch", offline)
+    monkeypatch.setattr(inception, "_fetch", offline)
     with pytest.raises(InceptionUnavailable) as why:
-        evaluate.inception_weights(None)
+        inception.inception_weights(None)
     message = str(why.value)
-    assert "\n" not in message and evaluate.INCEPTION_URL in message and "--inception-weights" in message
+    assert "\n" not in message and inception.INCEPTION_URL in message and "--inception-weights" in message
     assert "offline" in message
-    found = tmp_path / "torch" / "hub" / "checkpoints" / evaluate.INCEPTION_URL.rsplit("/", 1)[1]
+    found = tmp_path / "torch" / "hub" / "checkpoints" / inception.INCEPTION_URL.rsplit("/", 1)[1]
     found.parent.mkdir(parents=True)
     found.write_bytes(b"x")
-    assert evaluate.inception_weights(None) == found  # a copy in torch's hub cache is used
+    assert inception.inception_weights(None) == found  # a copy in torch's hub cache is used
 
 
 def test_inception_without_torch_fidelity_says_how_to_get_it(monkeypatch):
@@ -224,13 +225,53 @@ def test_domain_scores_of_real_and_of_noise(shared, monkeypatch):
 def test_eval_command_writes_the_report_and_prints_the_table(shared, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared["cache"]))
     monkeypatch.delenv("DDPMKIT_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setattr(evaluate, "_fetch", lambda *a: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    monkeypatch.setattr(inception, "_fetch", lambda *a: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     run = shared["root"] / "run"
-    assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-dir", str(shared["data"]), *TINY_MODEL,
-                 *FAST, "--steps", "10", "--precision", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(run),
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(shared["data"]),
+                *TINY_MODEL,
+                *FAST,
+                "--steps",
+                "10",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["eval", str(run), "--n", "20", "--sampler", "ddim", "--steps", "3", "--nll-n", "4",
-                 "--nll-stride", "25", "--seed", "7", "--inception", "on", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--n",
+                "20",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "3",
+                "--nll-n",
+                "4",
+                "--nll-stride",
+                "25",
+                "--seed",
+                "7",
+                "--inception",
+                "on",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "domain fd_dom" in out and "nll bpd" in out and "inception" in out
     assert err.count("Inception metrics skipped") == 1 and "--inception-weights" in err
@@ -248,14 +289,48 @@ def test_eval_command_writes_the_report_and_prints_the_table(shared, monkeypatch
 def test_eval_reference_scores_real_training_images(shared, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared["cache"]))
     out = tmp_path / "ref.json"
-    assert main(["eval", "--reference", "mnist", "--data-dir", str(shared["data"]), "--n", "24", "--blur", "1",
-                 "--inception", "off", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--reference",
+                "mnist",
+                "--data-dir",
+                str(shared["data"]),
+                "--n",
+                "24",
+                "--blur",
+                "1",
+                "--inception",
+                "off",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["kind"] == "reference" and report["blur_sigma"] == 1.0 and report["split"] == "train"
     assert "inception" not in report["results"]
     assert "domain precision" in capsys.readouterr().out
-    assert main(["eval", "--reference", "mnist", "--data-dir", str(shared["data"]), "--n", "8",
-                 "--device", "cpu", "--no-progress"]) == 0  # auto: no Inception on a CPU, and says so
+    assert (
+        main(
+            [
+                "eval",
+                "--reference",
+                "mnist",
+                "--data-dir",
+                str(shared["data"]),
+                "--n",
+                "8",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )  # auto: no Inception on a CPU, and says so
     assert capsys.readouterr().err.count("--inception on") == 1
 
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from ddpmkit.data.idx import IDX_DTYPES, read_idx, write_idx
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.idx import IDX_DTYPES, read_idx, write_idx
 
 IMAGES = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
 

@@ -40,9 +40,7 @@ def manual_group_norm(x, num_groups, weight, bias, eps):
     return g * weight[None, :, None, None] + bias[None, :, None, None]
 
 
-@pytest.mark.parametrize(
-    "channels, groups, expected", [(64, 32, 32), (8, 32, 8), (48, 32, 24), (7, 4, 1), (1, 32, 1)]
-)
+@pytest.mark.parametrize("channels, groups, expected", [(64, 32, 32), (8, 32, 8), (48, 32, 24), (7, 4, 1), (1, 32, 1)])
 def test_group_count_is_the_largest_divisor_up_to_groups(channels, groups, expected):
     assert group_count(channels, groups) == expected
 
@@ -114,9 +112,7 @@ def test_groupnorm_in_blocks_matches_the_formula():
     x = torch.randn(2, 8, 5, 5)
     expected = manual_group_norm(x, 4, gn.weight, gn.bias, gn.eps)
     torch.testing.assert_close(gn(x), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        F.group_norm(x, 4, gn.weight, gn.bias, gn.eps), expected, atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(F.group_norm(x, 4, gn.weight, gn.bias, gn.eps), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_resblock_matches_its_equations():
@@ -238,8 +234,9 @@ def test_resampling_rejects_unknown_kinds():
 
 
 def test_unet_fourier_embedding_scales_t_by_the_runs_T():
-    from ddpmkit.config import RunConfig, apply_overrides
-    from ddpmkit.train import build_net
+    from ddpmkit.run.build import net as build_net
+    from ddpmkit.run.config import RunConfig, apply_overrides
+
     config = apply_overrides(RunConfig(), {"model": {"time_embedding": "learned"}, "diffusion": {"timesteps": 400}})
     config.num_classes = 10
     features = build_net(config).time_embed[0]

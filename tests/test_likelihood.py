@@ -6,15 +6,23 @@ import math
 
 import pytest
 import torch
-
-from ddpmkit import samplers
-from ddpmkit.cli import main
-from ddpmkit.denoiser import Denoiser
-from ddpmkit.likelihood import (discretized_gaussian_log_likelihood, hybrid_loss, kl_blocks, nll_bpd, normal_kl,
-                                p_log_variance, prior_nats, vlb_terms)
-from ddpmkit.schedules import cosine, linear
 from conftest import FAST, TINY_MODEL
 from oracles import GaussianEpsNet
+
+from ddpmkit.cli import main
+from ddpmkit.core import samplers
+from ddpmkit.core.denoiser import Denoiser
+from ddpmkit.core.likelihood import (
+    discretized_gaussian_log_likelihood,
+    kl_blocks,
+    nll_bpd,
+    normal_kl,
+    p_log_variance,
+    prior_nats,
+    vlb_terms,
+)
+from ddpmkit.core.losses import HybridLoss, Noise
+from ddpmkit.core.schedules import cosine, linear
 
 GRID = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 8-bit levels in [-1, 1]
 
@@ -22,8 +30,9 @@ GRID = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 8-bit levels in [-
 def test_normal_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
     m1, m2, lv1, lv2 = (torch.randn(50, generator=g, dtype=torch.float64) for _ in range(4))
-    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
-                                                 torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, (0.5 * lv1).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    )
     assert torch.allclose(normal_kl(m1, lv1, m2, lv2), expected, atol=1e-12)
     assert torch.allclose(normal_kl(m1, lv1, m1, lv1), torch.zeros(50, dtype=torch.float64))
 
@@ -42,8 +51,7 @@ def _bin_mass_by_trapezoid(x, mean, sigma, points=20001):
 def test_discretized_likelihood_is_the_bin_integral(mean, sigma):
     levels = [0, 1, 2, 64, 127, 128, 130, 191, 253, 254, 255]
     x = GRID[levels]
-    log_p = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean),
-                                                torch.full_like(x, math.log(sigma)))
+    log_p = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(sigma)))
     for value, lp in zip(x.tolist(), log_p.tolist()):
         expected = _bin_mass_by_trapezoid(value, mean, sigma)
         if expected > 1e-200:
@@ -52,8 +60,9 @@ def test_discretized_likelihood_is_the_bin_integral(mean, sigma):
 
 @pytest.mark.parametrize("mean,sigma", [(0.0, 1e-3), (0.42, 0.01), (-1.3, 0.2), (0.9, 2.0)])
 def test_the_256_bins_sum_to_one(mean, sigma):
-    log_p = discretized_gaussian_log_likelihood(GRID, torch.full_like(GRID, mean),
-                                                torch.full_like(GRID, math.log(sigma)))
+    log_p = discretized_gaussian_log_likelihood(
+        GRID, torch.full_like(GRID, mean), torch.full_like(GRID, math.log(sigma))
+    )
     assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
@@ -194,10 +203,17 @@ def _hybrid_case(T=30, seed=0):
     x0 = torch.randint(0, 256, (6, 1, 4, 4), generator=g).double() / 127.5 - 1
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.tensor([1, 2, 5, 11, 29, 30])
-    from ddpmkit.diffusion import q_sample
+    from ddpmkit.core.diffusion import q_sample
+
     x_t = q_sample(schedule, x0, t, eps)
     out = torch.cat([torch.randn(x0.shape, generator=g), torch.rand(x0.shape, generator=g) * 2 - 1], 1)
     return schedule, x0.float(), x_t.float(), t, eps.float(), out.requires_grad_()
+
+
+def hybrid_loss(schedule, objective, x0, x_t, t, eps, out):
+    """L_hybrid of a network whose output is `out` whatever its input (x_t comes from t and eps)."""
+    den = Denoiser(_FixedOutput(out), schedule, objective, learn_sigma=True, clip_x0=False)
+    return HybridLoss()(den, x0, None, Noise(t, eps, torch.ones(len(t), 2)))
 
 
 def test_hybrid_vlb_does_not_train_the_mean():
@@ -223,8 +239,27 @@ def test_hybrid_vlb_is_the_evaluation_bound():
 
 def test_learn_sigma_trains_through_the_cli_and_ddpm_samples_use_it(tmp_path, tiny_mnist, monkeypatch, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST,
-                 "--steps", "30", "--learn-sigma", "--precision", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(run),
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(tiny_mnist),
+                *TINY_MODEL,
+                *FAST,
+                "--steps",
+                "30",
+                "--learn-sigma",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "config.json").read_text())["diffusion"]["learn_sigma"] is True
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
@@ -236,6 +271,8 @@ def test_learn_sigma_trains_through_the_cli_and_ddpm_samples_use_it(tmp_path, ti
         return original(pred, *args)
 
     monkeypatch.setattr(samplers, "_ddpm_sigma", spy)
-    assert main(["sample", str(run), "--sampler", "ddpm", "--steps", "5", "--n", "4",
-                 "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(["sample", str(run), "--sampler", "ddpm", "--steps", "5", "--n", "4", "--out", str(tmp_path / "s.png")])
+        == 0
+    )
     assert len(seen) == 4 and all(seen)  # every noised step (s > 0) used the learned variance

@@ -2,16 +2,19 @@
 
 import pytest
 import torch
+from conftest import FAST, TINY_MODEL
 from torch import nn
 
 from ddpmkit.cli import main
-from ddpmkit.config import PRESETS, RunConfig, apply_overrides, model_kwargs
-from ddpmkit.denoiser import Denoiser
+from ddpmkit.core.denoiser import Denoiser
+from ddpmkit.core.losses import Noise, SimpleLoss
+from ddpmkit.core.samplers import SAMPLERS, Trajectory
+from ddpmkit.core.schedules import cosine
 from ddpmkit.models import build_model
-from ddpmkit.samplers import SAMPLERS, Trajectory
-from ddpmkit.schedules import cosine
-from ddpmkit.train import training_loss
-from conftest import FAST, TINY_MODEL
+from ddpmkit.run import build
+from ddpmkit.run.build import model_kwargs
+from ddpmkit.run.config import RunConfig, apply_overrides
+from ddpmkit.run.presets import PRESETS
 
 
 class Recorder(nn.Module):
@@ -27,8 +30,7 @@ class Recorder(nn.Module):
 
 
 def _config(**model):
-    config = apply_overrides(RunConfig(), {"model": {"self_condition": True, **model},
-                                           "diffusion": {"timesteps": 50}})
+    config = apply_overrides(RunConfig(), {"model": {"self_condition": True, **model}, "diffusion": {"timesteps": 50}})
     config.num_classes = 10
     return config
 
@@ -40,7 +42,7 @@ def test_self_conditioning_training_passes(coin, passes):
     t, eps = torch.tensor([5, 10, 20, 40]), torch.randn(4, 1, 8, 8)
     u = torch.full((4, 2), coin)
     u[:, 0] = 1.0  # no label dropout
-    training_loss(net, sch, config, x0, torch.zeros(4, dtype=torch.long), t, eps, u)
+    SimpleLoss()(build.denoiser(config, net, sch), x0, torch.zeros(4, dtype=torch.long), Noise(t, eps, u))
     assert len(net.self_conds) == passes
     if passes == 2:  # first an estimate from zeros, then the estimate is fed back (clamped x0_hat)
         assert torch.count_nonzero(net.self_conds[0]) == 0
@@ -54,7 +56,9 @@ def test_samplers_feed_back_the_previous_x0_hat(name):
     net, sch = Recorder(), cosine(50)
     den = Denoiser(net, sch, "eps", self_condition=True, clip_x0=False)
     traj = Trajectory()
-    SAMPLERS[name](den, torch.randn(2, 1, 4, 4), [50, 30, 10], callback=traj, generator=torch.Generator().manual_seed(0))
+    SAMPLERS[name](
+        den, torch.randn(2, 1, 4, 4), [50, 30, 10], callback=traj, generator=torch.Generator().manual_seed(0)
+    )
     assert net.self_conds[0] is None  # the first step has no estimate yet (the net uses zeros)
     for i in (1, 2):
         assert torch.allclose(net.self_conds[i], traj.x0_hat[i - 1])
@@ -78,16 +82,58 @@ def test_seed_003_layout_is_a_preset_of_the_unet():
     assert out.shape == (2, 1, 28, 28)
 
 
-@pytest.mark.parametrize("option", [
-    ["--self-condition"], ["--attn-type", "linear"], ["--time-embedding", "learned"],
-    ["--time-embedding", "random_fourier"], ["--preset", "seed-003", "--base-channels", "8", "--num-res-blocks", "1"],
-    ["--learn-sigma"], ["--arch", "convnext", "--mult", "1"]])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--self-condition"],
+        ["--attn-type", "linear"],
+        ["--time-embedding", "learned"],
+        ["--time-embedding", "random_fourier"],
+        ["--preset", "seed-003", "--base-channels", "8", "--num-res-blocks", "1"],
+        ["--learn-sigma"],
+        ["--arch", "convnext", "--mult", "1"],
+    ],
+)
 def test_each_option_trains_and_samples_with_every_sampler(option, tiny_mnist, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST,
-                 "--out", str(run), "--steps", "3", *option]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(tiny_mnist),
+                *TINY_MODEL,
+                *FAST,
+                "--out",
+                str(run),
+                "--steps",
+                "3",
+                *option,
+            ]
+        )
+        == 0
+    )
     for sampler in sorted(SAMPLERS):
         out = tmp_path / f"{sampler}.png"
-        assert main(["sample", str(run), "--n", "4", "--steps", "3", "--sampler", sampler, "--out", str(out),
-                     "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    str(run),
+                    "--n",
+                    "4",
+                    "--steps",
+                    "3",
+                    "--sampler",
+                    sampler,
+                    "--out",
+                    str(out),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         assert out.is_file()

@@ -2,19 +2,36 @@
 
 import json
 
+import pytest
+from conftest import FAST, TINY_MODEL, make_idx_dataset
+
 from ddpmkit.cli import main
 from ddpmkit.models import build_model, count_parameters
-import pytest
-
-from ddpmkit.config import PRESETS, RunConfig, apply_overrides, model_kwargs
-from conftest import FAST, TINY_MODEL, make_idx_dataset
+from ddpmkit.run.build import model_kwargs
+from ddpmkit.run.config import RunConfig, apply_overrides
+from ddpmkit.run.presets import PRESETS
 
 
 def test_seed_notebook_preset_matches_the_notebook(tmp_path):
     data = make_idx_dataset(tmp_path / "mnist", n=130)
     run = tmp_path / "run"
-    assert main(["train", "--preset", "seed-notebook", "--data-dir", str(data), "--steps", "1",
-                 "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "seed-notebook",
+                "--data-dir",
+                str(data),
+                "--steps",
+                "1",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((run / "config.json").read_text())
     assert saved["preset"] == "seed-notebook"
     assert saved["data"]["dataset"] == "mnist"
@@ -39,13 +56,37 @@ def test_paper_and_measured_presets_keep_l_simple(preset):
     assert apply_overrides(RunConfig(), PRESETS[preset]).diffusion.min_snr_gamma is None
 
 
-@pytest.mark.parametrize("given, saved", [(["--min-snr-gamma", "off"], None), (["--min-snr-gamma", "OFF"], None),
-                                          (["--min-snr-gamma", "2.5"], 2.5), ([], 5.0)])
+@pytest.mark.parametrize(
+    "given, saved",
+    [
+        (["--min-snr-gamma", "off"], None),
+        (["--min-snr-gamma", "OFF"], None),
+        (["--min-snr-gamma", "2.5"], 2.5),
+        ([], 5.0),
+    ],
+)
 def test_min_snr_gamma_flag(tmp_path, given, saved):
     data = make_idx_dataset(tmp_path / "mnist", n=16)
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "mnist", "--data-dir", str(data), *TINY_MODEL, *FAST, "--steps", "1",
-                 *given, "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(data),
+                *TINY_MODEL,
+                *FAST,
+                "--steps",
+                "1",
+                *given,
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "config.json").read_text())["diffusion"]["min_snr_gamma"] == saved
 
 

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL, make_idx_dataset
 from PIL import Image
 from safetensors.torch import load_file
-
-from ddpmkit import checkpoint, train
-from ddpmkit.cli import main
-from ddpmkit.errors import DdpmkitError
-from ddpmkit.train import Trainer
-from conftest import TINY_MODEL, make_idx_dataset
 from test_checkpoint import FILES, snapshot
 from test_train import tiny_config, tiny_data
+
+from ddpmkit.cli import main
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.run import build, checkpoint
+from ddpmkit.train import Trainer
+from ddpmkit.train import trainer as train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 1 thread: fast on 2 shared cores
 KEEP, TARGET, KILL_BUDGET_S = 2, 10, 30.0
@@ -41,11 +42,28 @@ def _one_thread(_few_threads):
 
 def train_flags(data_dir, **extra) -> list:
     """A tiny 28x28 model whose checkpoints (every 2 steps) fall between its logs (every 3)."""
-    flags = {"--batch-size": 8, "--log-every": 3, "--sample-every": 10**6, "--checkpoint-every": 2,
-             "--sample-steps": 2, "--warmup": 5, "--precision": "fp32", "--keep": KEEP, "--steps": TARGET,
-             **{f"--{k.replace('_', '-')}": v for k, v in extra.items()}}
-    return ["train", "--dataset", "mnist", "--data-dir", str(data_dir), *TINY_MODEL, "--no-progress",
-            *[str(x) for kv in flags.items() for x in kv]]
+    flags = {
+        "--batch-size": 8,
+        "--log-every": 3,
+        "--sample-every": 10**6,
+        "--checkpoint-every": 2,
+        "--sample-steps": 2,
+        "--warmup": 5,
+        "--precision": "fp32",
+        "--keep": KEEP,
+        "--steps": TARGET,
+        **{f"--{k.replace('_', '-')}": v for k, v in extra.items()},
+    }
+    return [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data_dir),
+        *TINY_MODEL,
+        "--no-progress",
+        *[str(x) for kv in flags.items() for x in kv],
+    ]
 
 
 # ---- starting and killing training processes ----------------------------------------------------
@@ -85,8 +103,9 @@ class Zygote:
     """A Python process with torch and ddpmkit imported that forks `ddpmkit.cli.main(argv)` runs."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=ENV)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV
+        )
         assert self.proc.stdout.readline() == "ready\n"
 
     def ask(self, line: str) -> int:
@@ -181,7 +200,8 @@ def assert_run_intact(run: Path, keep: int) -> int:
         return 0
     checkpoint.load_config(run)
     assert names <= {"config.json", "metrics.jsonl", "loss.png", "samples"} | {
-        p.name for p in checkpoint.checkpoints(run)}, names  # no incomplete ckpt-* directory
+        p.name for p in checkpoint.checkpoints(run)
+    }, names  # no incomplete ckpt-* directory
     if (run / "metrics.jsonl").exists():
         steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)), steps  # parses, and no step twice
@@ -202,8 +222,12 @@ def assert_run_intact(run: Path, keep: int) -> int:
 def final_weights(run: Path) -> tuple:
     ckpt = checkpoint.latest_checkpoint(run)
     _, train_state = checkpoint.load_state(ckpt)
-    return (load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors")),
-            train_state["optimizer"]["state"], train_state["cpu_rng"])
+    return (
+        load_file(str(ckpt / "model.safetensors")),
+        load_file(str(ckpt / "ema.safetensors")),
+        train_state["optimizer"]["state"],
+        train_state["cpu_rng"],
+    )
 
 
 def assert_same_tensors(a, b):
@@ -301,8 +325,10 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, zygote):
         if last_chance:
             break
         run = tmp_path / f"run-{finished}"
-    print(f"\nSIGKILL: {kills} kills survived over {starts} starts, {finished} runs finished bit-identical, "
-          f"kills landed after checkpoints of steps {sorted(killed_at_step)}")
+    print(
+        f"\nSIGKILL: {kills} kills survived over {starts} starts, {finished} runs finished bit-identical, "
+        f"kills landed after checkpoints of steps {sorted(killed_at_step)}"
+    )
     assert kills >= 8 and finished >= 1 and len(killed_at_step) >= 3
 
 
@@ -328,8 +354,10 @@ def test_sigint_and_sigterm_save_the_current_step_and_exit_128_plus_signal(tmp_p
     assert proc.wait() == 128 + sig
     lines = log.read_text().splitlines()
     step = checkpoint.latest_checkpoint(run).name[5:]
-    assert lines == [f"ddpmkit train: stopped by {sig.name} at step {int(step)} and saved a checkpoint; "
-                     f"continue with `ddpmkit train --out {run} --resume`"]
+    assert lines == [
+        f"ddpmkit train: stopped by {sig.name} at step {int(step)} and saved a checkpoint; "
+        f"continue with `ddpmkit train --out {run} --resume`"
+    ]
     assert assert_run_intact(run, KEEP) == int(step) and read_metrics(run)[-1]["step"] == int(step)
     assert not list(run.glob(".*")) and not list(run.glob("samples/*"))  # and no grid drawn before exiting
 
@@ -364,8 +392,10 @@ def test_resuming_from_every_checkpoint_reproduces_the_straight_run(tmp_path, mo
 
 def poison_output(model: torch.nn.Module, trainer_step, bad_steps, value=float("nan")):
     """Make the network's output NaN (or inf) while training the (1-based) steps in bad_steps."""
+
     def hook(module, inputs, output):
         return output * value if trainer_step() + 1 in bad_steps and module.training else output
+
     return model.register_forward_hook(hook)
 
 
@@ -375,8 +405,11 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, value):
     checkpoint.create_run(tmp_path, config)
     trainer = Trainer(config, tmp_path, data)
     poison_output(trainer.model, lambda: trainer.step, {5}, value)
-    with pytest.raises(DdpmkitError, match=r"^non-finite loss or gradient at step 5; the last checkpoint is "
-                                           r"intact \(lower --lr, or pass --on-nan skip"):
+    with pytest.raises(
+        DdpmkitError,
+        match=r"^non-finite loss or gradient at step 5; the last checkpoint is "
+        r"intact \(lower --lr, or pass --on-nan skip",
+    ):
         trainer.fit(10, progress=False)
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["ckpt-00000002", "ckpt-00000004"]
     assert assert_run_intact(tmp_path, 2) == 4
@@ -396,8 +429,7 @@ def test_on_nan_skip_skips_and_counts_the_bad_steps(tmp_path):
     assert state["step"] == 8 and state["nan_skipped"] == 2
     adam_steps = {float(s["step"]) for s in train_state["optimizer"]["state"].values()}
     assert adam_steps == {6.0}  # 8 steps, 2 skipped
-    assert [(m["step"], m["nan_skipped"]) for m in read_metrics(tmp_path)] == [(2, 0), (3, 1), (4, 1), (6, 2),
-                                                                             (8, 2)]
+    assert [(m["step"], m["nan_skipped"]) for m in read_metrics(tmp_path)] == [(2, 0), (3, 1), (4, 1), (6, 2), (8, 2)]
     assert assert_run_intact(tmp_path, 2) == 8
 
 
@@ -413,7 +445,7 @@ def test_a_huge_learning_rate_stops_the_cli_with_one_line(tmp_path, capsys):
 def test_on_nan_skip_through_the_cli(tmp_path, capsys, monkeypatch):
     """The CLI path with a network whose output turns NaN on its 3rd and 4th training forward."""
     data, run = make_idx_dataset(tmp_path / "mnist"), tmp_path / "run"
-    real_build = train.build_net
+    real_build = build.net
 
     def build_poisoned(config):
         net, calls = real_build(config), []
@@ -423,10 +455,11 @@ def test_on_nan_skip_through_the_cli(tmp_path, capsys, monkeypatch):
                 return output
             calls.append(1)
             return output * float("nan") if len(calls) in (3, 4) else output
+
         net.register_forward_hook(hook)
         return net
 
-    monkeypatch.setattr(train, "build_net", build_poisoned)
+    monkeypatch.setattr(build, "net", build_poisoned)
     assert main([*train_flags(data, steps=6, on_nan="skip"), "--out", str(run)]) == 0
     assert capsys.readouterr().err == ""
     state, _ = checkpoint.load_state(checkpoint.latest_checkpoint(run))
@@ -451,10 +484,13 @@ def test_a_full_disk_while_training_is_one_line_and_loses_nothing(trained, capsy
     monkeypatch.setattr(checkpoint, "save_file", full_after_one_file)
     assert main([*train_flags(data, steps=4), "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert err == f"ddpmkit train: error: could not save a checkpoint in {run}: No space left on device; " \
-                  "the previous checkpoint is intact\n"
+    assert (
+        err == f"ddpmkit train: error: could not save a checkpoint in {run}: No space left on device; "
+        "the previous checkpoint is intact\n"
+    )
     assert {k: v for k, v in snapshot(run).items() if k.startswith("ckpt-")} == {
-        k: v for k, v in before.items() if k.startswith("ckpt-")}
+        k: v for k, v in before.items() if k.startswith("ckpt-")
+    }
     assert assert_run_intact(run, KEEP) == 2 and not list(run.glob(".*"))
     monkeypatch.undo()
     assert main([*train_flags(data, steps=4), "--out", str(run), "--resume"]) == 0
@@ -472,14 +508,20 @@ def test_a_read_only_run_directory_is_one_line_and_loses_nothing(trained):
     before = snapshot(run)
     run.chmod(0o555)
     try:
-        result = subprocess.run([*prefix, sys.executable, "-m", "ddpmkit", *train_flags(data, steps=4),
-                                 "--out", str(run), "--resume"], capture_output=True, text=True, env=ENV,
-                                timeout=300)
+        result = subprocess.run(
+            [*prefix, sys.executable, "-m", "ddpmkit", *train_flags(data, steps=4), "--out", str(run), "--resume"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
+        )
     finally:
         run.chmod(0o755)
     assert result.returncode == 2, result.stderr
-    assert result.stderr == f"ddpmkit train: error: could not write the metrics in {run}: Permission denied; " \
-                            "the previous checkpoint is intact\n"
+    assert (
+        result.stderr == f"ddpmkit train: error: could not write the metrics in {run}: Permission denied; "
+        "the previous checkpoint is intact\n"
+    )
     assert snapshot(run) == before and assert_run_intact(run, KEEP) == 2
 
 
@@ -521,8 +563,11 @@ def test_a_crafted_train_state_is_refused_on_resume_and_runs_nothing(trained, ca
     torch.save({"optimizer": Payload(marker), "cpu_rng": torch.get_rng_state()}, ckpt / "train_state.pt")
     before = snapshot(run)
     assert main([*train_flags(data, steps=4), "--out", str(run), "--resume"]) == 2
-    err = one_line(capsys, f"ddpmkit train: error: refusing to load {ckpt / 'train_state.pt'}: it is not a plain "
-                           "tensor file (UnpicklingError: ")
+    err = one_line(
+        capsys,
+        f"ddpmkit train: error: refusing to load {ckpt / 'train_state.pt'}: it is not a plain "
+        "tensor file (UnpicklingError: ",
+    )
     assert "posix.system" in err and not marker.exists() and snapshot(run) == before
     assert main(["sample", str(run), "--n", "2", "--out", str(tmp_path / "s.png")]) == 2
     one_line(capsys, "ddpmkit sample: error: refusing to load ")
@@ -533,8 +578,11 @@ def test_train_state_without_the_optimizer_is_a_clear_error_on_resume(trained, c
     data, run, ckpt = trained
     torch.save({"cpu_rng": torch.get_rng_state()}, ckpt / "train_state.pt")
     assert main([*train_flags(data, steps=4), "--out", str(run), "--resume"]) == 2
-    one_line(capsys, f"ddpmkit train: error: {ckpt / 'train_state.pt'} does not hold this run's optimizer and "
-                     "RNG state (KeyError: 'optimizer')")
+    one_line(
+        capsys,
+        f"ddpmkit train: error: {ckpt / 'train_state.pt'} does not hold this run's optimizer and "
+        "RNG state (KeyError: 'optimizer')",
+    )
 
 
 def test_a_wrong_checkpoint_format_is_refused(trained, capsys, tmp_path):
@@ -563,9 +611,10 @@ def test_a_config_edited_to_another_width_names_the_first_mismatching_tensor(tra
     config["model"]["base_channels"] = 16
     (run / "config.json").write_text(json.dumps(config))
     assert main(["sample", str(run), "--out", str(tmp_path / "s.png")]) == 2
-    err = one_line(capsys, f"ddpmkit sample: error: weights {ckpt / 'ema.safetensors'} do not fit this "
-                           "architecture: shape of ")
-    saved, wanted = load_file(str(ckpt / "ema.safetensors")), train.build_net(checkpoint.load_config(run)).state_dict()
+    err = one_line(
+        capsys, f"ddpmkit sample: error: weights {ckpt / 'ema.safetensors'} do not fit this architecture: shape of "
+    )
+    saved, wanted = load_file(str(ckpt / "ema.safetensors")), build.net(checkpoint.load_config(run)).state_dict()
     first = next(k for k, v in wanted.items() if v.shape != saved[k].shape)  # in the model's own order
     assert err.endswith(f"shape of {first} is {tuple(saved[first].shape)}, model wants {tuple(wanted[first].shape)}\n")
     assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--no-progress"]) == 2
@@ -578,7 +627,8 @@ def test_a_second_signal_during_the_last_save_does_not_cut_it_short(tmp_path, mo
     checkpoint.create_run(tmp_path, config)
     trainer = Trainer(config, tmp_path, data)
     trainer.model.register_forward_hook(
-        lambda m, i, o: os.kill(os.getpid(), signal.SIGINT) if trainer.step == 2 and m.training else None)
+        lambda m, i, o: os.kill(os.getpid(), signal.SIGINT) if trainer.step == 2 and m.training else None
+    )
     real_save = checkpoint.save_checkpoint
 
     def save_while_interrupted(*args, **kwargs):

@@ -16,12 +16,37 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from ddpmkit import checkpoint, data
 from ddpmkit.cli import main
+from ddpmkit.data import datasets, folder
+from ddpmkit.run import checkpoint
 
-TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "8",
-        "--num-heads", "2", "--timesteps", "50", "--sample-steps", "2", "--no-progress", "--warmup", "2",
-        "--precision", "fp32", "--log-every", "1", "--sample-every", "1000", "--checkpoint-every", "1000"]
+TINY = [
+    "--base-channels",
+    "8",
+    "--channel-mults",
+    "1,2",
+    "--num-res-blocks",
+    "1",
+    "--attn-resolutions",
+    "8",
+    "--num-heads",
+    "2",
+    "--timesteps",
+    "50",
+    "--sample-steps",
+    "2",
+    "--no-progress",
+    "--warmup",
+    "2",
+    "--precision",
+    "fp32",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "1000",
+    "--checkpoint-every",
+    "1000",
+]
 COLOURS = [(220, 40, 40), (40, 180, 60), (50, 80, 230), (240, 200, 30), (200, 60, 200)]
 
 
@@ -51,8 +76,27 @@ def _model_weights(run):
 
 def test_rgb_folder_trains_and_samples_rgb(shapes, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "folder", "--data-dir", str(shapes), "--image-size", "16", *TINY,
-                 "--batch-size", "8", "--steps", "3", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                str(shapes),
+                "--image-size",
+                "16",
+                *TINY,
+                "--batch-size",
+                "8",
+                "--steps",
+                "3",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     config = checkpoint.load_config(run)
     assert (config.in_channels, config.image_size, config.class_names) == (3, 16, ("discs", "squares"))
     assert Image.open(run / "samples" / "step-00000003.png").mode == "RGB"
@@ -66,16 +110,34 @@ def test_rgb_folder_trains_and_samples_rgb(shapes, tmp_path):
 
 
 def test_streaming_trains_exactly_like_memory(shapes, tmp_path, monkeypatch, capfd):
-    common = ["train", "--dataset", "folder", "--data-dir", str(shapes), "--image-size", "16", *TINY,
-              "--batch-size", "4", "--grad-accum", "2", "--steps", "4", "--sample-every", "4"]
+    common = [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(shapes),
+        "--image-size",
+        "16",
+        *TINY,
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--steps",
+        "4",
+        "--sample-every",
+        "4",
+    ]
     assert main([*common, "--out", str(tmp_path / "memory")]) == 0
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 1000)  # too large for memory: streamed automatically
+    monkeypatch.setattr(folder, "IN_MEMORY_MAX_BYTES", 1000)  # too large for memory: streamed automatically
     assert main([*common, "--workers", "2", "--out", str(tmp_path / "streamed")]) == 0
     assert "streaming 200 images" in capfd.readouterr().err
     memory, streamed = _model_weights(tmp_path / "memory"), _model_weights(tmp_path / "streamed")
     assert all(torch.equal(memory[k], streamed[k]) for k in memory)
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("memory", "streamed")]
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("memory", "streamed")
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
@@ -86,8 +148,23 @@ def test_streaming_survives_an_image_that_breaks_mid_epoch(tmp_path, workers):
     (folder / "discs" / "003.png").write_bytes(blob[: len(blob) // 2])  # the header reads, the pixels do not
     run = tmp_path / "run"
     # 16 images, a global batch of 8: the two steps of the first epoch visit every image once
-    args = ["train", "--dataset", "folder", "--data-dir", str(folder), "--stream", "--workers", str(workers),
-            *TINY, "--batch-size", "8", "--steps", "3", "--out", str(run)]
+    args = [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(folder),
+        "--stream",
+        "--workers",
+        str(workers),
+        *TINY,
+        "--batch-size",
+        "8",
+        "--steps",
+        "3",
+        "--out",
+        str(run),
+    ]
     if workers == 0:  # decoded in this process, so its warning can be caught here
         with pytest.warns(UserWarning, match="Skipping unreadable image .*003.png"):
             assert main(args) == 0
@@ -126,9 +203,16 @@ def local_mirror(tmp_path):
 def tiny_cifar_tarball(path, per_batch=2):
     """cifar-10-python.tar.gz in the real layout, with per_batch images in each of its six batches."""
     rng = np.random.default_rng(0)
-    members = {name: pickle.dumps({"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                                   "labels": [i % 10 for i in range(per_batch)]}, protocol=4)
-               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    members = {
+        name: pickle.dumps(
+            {
+                "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                "labels": [i % 10 for i in range(per_batch)],
+            },
+            protocol=4,
+        )
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    }
     members["batches.meta"] = pickle.dumps({"label_names": [f"kind{i}" for i in range(10)]}, protocol=4)
     with tarfile.open(path, "w:gz") as archive:
         for name, blob in members.items():
@@ -141,11 +225,11 @@ def tiny_cifar_tarball(path, per_batch=2):
 def test_train_cifar10_downloads_it_once_and_trains(local_mirror, tmp_path, monkeypatch):
     www, url = local_mirror
     tarball = tiny_cifar_tarball(www / "cifar-10-python.tar.gz")
-    monkeypatch.setattr(data, "DEBIAN_DATA_ROOT", tmp_path / "debian")
+    monkeypatch.setattr(datasets, "DEBIAN_DATA_ROOT", tmp_path / "debian")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("DDPMKIT_DATA_DIR", raising=False)
-    monkeypatch.setitem(data.MIRRORS, "cifar10", [url])
-    monkeypatch.setitem(data.SHA256, "cifar10", {tarball.name: hashlib.sha256(tarball.read_bytes()).hexdigest()})
+    monkeypatch.setitem(datasets.MIRRORS, "cifar10", [url])
+    monkeypatch.setitem(datasets.SHA256, "cifar10", {tarball.name: hashlib.sha256(tarball.read_bytes()).hexdigest()})
     tiny = [*TINY[:7], "16", *TINY[8:]]  # attention at 16x16, the second level of a 32x32 model
     run = tmp_path / "run"
     assert main(["train", "--dataset", "cifar10", *tiny, "--batch-size", "8", "--steps", "2", "--out", str(run)]) == 0
@@ -156,5 +240,20 @@ def test_train_cifar10_downloads_it_once_and_trains(local_mirror, tmp_path, monk
     assert Image.open(run / "samples" / "step-00000002.png").mode == "RGB"
 
     tarball.unlink()  # a second run finds the verified copy in the cache
-    assert main(["train", "--dataset", "cifar10", *tiny, "--batch-size", "8", "--steps", "1",
-                 "--out", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "cifar10",
+                *tiny,
+                "--batch-size",
+                "8",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )

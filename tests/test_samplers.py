@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
-from ddpmkit.denoiser import Denoiser
-from ddpmkit.errors import DdpmkitError
-from ddpmkit.samplers import SAMPLERS, Trajectory, ddim, ddpm, dpm_solver_pp_2m, get_sampler
-from ddpmkit.schedules import cosine, linear, timesteps
 from oracles import GaussianEpsNet, exact_ode_solution
+
+from ddpmkit.core.denoiser import Denoiser
+from ddpmkit.core.samplers import SAMPLERS, Trajectory, ddim, ddpm, dpm_solver_pp_2m, get_sampler
+from ddpmkit.core.schedules import cosine, linear, timesteps
+from ddpmkit.errors import DdpmkitError
 
 MU, S = 0.4, 0.3
 
@@ -20,10 +20,17 @@ def x_T(n=4000, seed=0):
     return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name,kwargs,n_steps", [
-    ("ddpm", {"variance": "beta_tilde"}, 200), ("ddpm", {"variance": "beta"}, 200),
-    ("ddim", {"eta": 0.0}, 50), ("ddim", {"eta": 1.0}, 200), ("ddim", {"eta": 0.5}, 100),
-    ("dpm++", {}, 15)])
+@pytest.mark.parametrize(
+    "name,kwargs,n_steps",
+    [
+        ("ddpm", {"variance": "beta_tilde"}, 200),
+        ("ddpm", {"variance": "beta"}, 200),
+        ("ddim", {"eta": 0.0}, 50),
+        ("ddim", {"eta": 1.0}, 200),
+        ("ddim", {"eta": 0.5}, 100),
+        ("dpm++", {}, 15),
+    ],
+)
 def test_samplers_recover_the_gaussian(name, kwargs, n_steps):
     sch = cosine(200)
     steps = timesteps(200, n_steps, "quadratic" if name == "dpm++" else "uniform")

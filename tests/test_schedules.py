@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from ddpmkit.core.schedules import SPACINGS, build_schedule, cosine, linear, timesteps
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.schedules import SPACINGS, build_schedule, cosine, linear, timesteps
 
 
 def test_linear_matches_ho_et_al():

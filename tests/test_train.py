@@ -2,22 +2,38 @@ import copy
 
 import pytest
 import torch
-
-from ddpmkit import checkpoint
-from ddpmkit.cli import main
-from ddpmkit.config import RunConfig, apply_overrides
-from ddpmkit.data import DatasetInfo, ImageData, to_model_range
-from ddpmkit.train import Trainer, batch_indices, batch_noise, ema_update, lr_at, training_loss
 from conftest import FAST, TINY_MODEL
+
+from ddpmkit.cli import main
+from ddpmkit.core.losses import Noise
+from ddpmkit.data import DatasetInfo, ImageData, to_model_range
+from ddpmkit.run import build, checkpoint
+from ddpmkit.run.config import RunConfig, apply_overrides
+from ddpmkit.train.trainer import Trainer, batch_indices, batch_noise, ema_update, lr_at
 
 
 def tiny_config(**train):
-    overrides = {"model": {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1,
-                           "attn_resolutions": (), "num_heads": 2},
-                 "diffusion": {"timesteps": 100},
-                 "train": {"batch_size": 16, "lr": 3e-3, "warmup": 10, "log_every": 10, "sample_every": 10**6,
-                           "checkpoint_every": 10**6, "ema_decay": 0.9, **train},
-                 "sample": {"steps": 2}}
+    overrides = {
+        "model": {
+            "base_channels": 8,
+            "channel_mults": (1, 2),
+            "num_res_blocks": 1,
+            "attn_resolutions": (),
+            "num_heads": 2,
+        },
+        "diffusion": {"timesteps": 100},
+        "train": {
+            "batch_size": 16,
+            "lr": 3e-3,
+            "warmup": 10,
+            "log_every": 10,
+            "sample_every": 10**6,
+            "checkpoint_every": 10**6,
+            "ema_decay": 0.9,
+            **train,
+        },
+        "sample": {"steps": 2},
+    }
     config = apply_overrides(RunConfig(), overrides)
     config.in_channels, config.image_size, config.num_classes = 1, 8, 4
     config.class_names = ("a", "b", "c", "d")
@@ -29,7 +45,7 @@ def tiny_data(n=16):
     images = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i % 16, 4)
-        images[i, 0, r + r // 2: r + r // 2 + 3, c + c // 2: c + c // 2 + 3] = 255
+        images[i, 0, r + r // 2 : r + r // 2 + 3, c + c // 2 : c + c // 2 + 3] = 255
     return ImageData(images, torch.arange(n) % 4, DatasetInfo("tiny", 1, 8, 4, ("a", "b", "c", "d")))
 
 
@@ -39,7 +55,8 @@ def _fixed_loss(trainer, data):
     y = data.labels.repeat(8)
     t, eps, u = batch_noise(123, 0, x0.shape, trainer.schedule.T, "cpu")
     with torch.no_grad():
-        return float(training_loss(trainer.model, trainer.schedule, trainer.config, x0, y, t, eps, u + 1).mean())
+        denoiser = build.denoiser(trainer.config, trainer.model, trainer.schedule, precision="fp32")
+        return float(trainer.loss(denoiser, x0, y, Noise(t, eps, u + 1)).mean())
 
 
 def test_overfits_sixteen_images(tmp_path):
@@ -77,6 +94,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 def _weights(run_dir):
     from safetensors.torch import load_file
+
     ckpt = checkpoint.latest_checkpoint(run_dir)
     return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
 
@@ -95,14 +113,36 @@ def test_resume_is_bit_identical(tiny_mnist, tmp_path):
 
 def test_run_directory_contents(tiny_mnist, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST,
-                 "--out", str(run), "--steps", "6", "--sample-every", "3", "--keep", "1",
-                 "--checkpoint-every", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(tiny_mnist),
+                *TINY_MODEL,
+                *FAST,
+                "--out",
+                str(run),
+                "--steps",
+                "6",
+                "--sample-every",
+                "3",
+                "--keep",
+                "1",
+                "--checkpoint-every",
+                "2",
+            ]
+        )
+        == 0
+    )
     config = checkpoint.load_config(run)
     assert config.model.base_channels == 8 and config.num_classes == 10 and config.train.steps == 6
     assert [p.name for p in checkpoint.checkpoints(run)] == ["ckpt-00000006"]  # --keep 1
     assert {"ema.safetensors", "model.safetensors", "train_state.pt", "state.json"} <= {
-        p.name for p in checkpoint.latest_checkpoint(run).iterdir()}
+        p.name for p in checkpoint.latest_checkpoint(run).iterdir()
+    }
     assert (run / "metrics.jsonl").read_text().count("\n") >= 1 and (run / "loss.png").is_file()
     assert (run / "samples" / "step-00000003.png").is_file() and (run / "samples" / "step-00000006.png").is_file()
     assert not list(run.glob(".tmp*")) and not list(run.glob(".*.tmp"))

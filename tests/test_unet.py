@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from conftest import perturb
 from torch import nn
 
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.models import ARCHITECTURES, ConvNeXtUNet, UNet, build_model, count_parameters
 from ddpmkit.models.layers import Attention2d
-from conftest import perturb
 
 
 @pytest.fixture(autouse=True)
@@ -116,9 +116,7 @@ LAYOUT_OPTIONS = dict(
     init_conv_kernel=[3, 7],
 )
 EMBEDDING_OPTIONS = [
-    dict(time_embedding=kind, num_classes=n)
-    for kind in ("sinusoidal", "learned", "random_fourier")
-    for n in (0, 3)
+    dict(time_embedding=kind, num_classes=n) for kind in ("sinusoidal", "learned", "random_fourier") for n in (0, 3)
 ]
 
 
@@ -173,9 +171,7 @@ def test_a_wrong_input_size_raises():
 
 
 def test_gradients_reach_every_parameter():
-    model = perturb(
-        tiny(num_classes=3, time_embedding="learned", final_res_block=True, self_condition=True)
-    )
+    model = perturb(tiny(num_classes=3, time_embedding="learned", final_res_block=True, self_condition=True))
     x, t = batch(model, 3)
     model(x, t, torch.tensor([0, 1, 2]), x_self_cond=x).square().mean().backward()
     for name, p in model.named_parameters():
@@ -214,9 +210,7 @@ def test_the_config_rebuilds_the_same_network_after_json():
 
 def test_registry_builds_by_name_and_rejects_unknown_names():
     assert dict(unet=UNet, convnext=ConvNeXtUNet) == ARCHITECTURES
-    model = build_model(
-        "unet", image_size=8, base_channels=8, channel_mults=(1,), attn_resolutions=()
-    )
+    model = build_model("unet", image_size=8, base_channels=8, channel_mults=(1,), attn_resolutions=())
     assert isinstance(model, UNet)
     with pytest.raises(DdpmkitError, match="unknown architecture 'vit'"):
         build_model("vit")

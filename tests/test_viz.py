@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, TINY_MODEL, make_idx_dataset
 from PIL import Image
 
-from conftest import FAST, TINY_MODEL, make_idx_dataset
 from ddpmkit import viz
 from ddpmkit.cli import main
+from ddpmkit.core.samplers import Step, Trajectory
+from ddpmkit.core.schedules import cosine
 from ddpmkit.data import load_dataset, to_model_range, to_uint8
-from ddpmkit.samplers import Step, Trajectory
-from ddpmkit.schedules import cosine
 
 TILE = 28 * 2 + 2  # a 28x28 image at scale 2 plus the grid's 2-pixel gap
 TITLE_H = viz.CAPTION_H + 2  # the title strip above each GIF panel
@@ -23,8 +23,24 @@ def run(tmp_path_factory):
     """A conditional 10-class run on the tiny MNIST-format dataset, trained for 4 steps (T = 50)."""
     root = tmp_path_factory.mktemp("viz")
     data = make_idx_dataset(root / "mnist")
-    assert main(["train", "--dataset", "mnist", "--data-dir", str(data), *TINY_MODEL, *FAST,
-                 "--out", str(root / "run"), "--steps", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(data),
+                *TINY_MODEL,
+                *FAST,
+                "--out",
+                str(root / "run"),
+                "--steps",
+                "4",
+            ]
+        )
+        == 0
+    )
     return root / "run"
 
 
@@ -99,8 +115,9 @@ def test_denoising_frames_of_rgb_images_make_a_gif(tmp_path):
     for i, t in enumerate([40, 20, 5]):
         trajectory(Step(i, t, torch.randn(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g) * 2 - 1))
     x0 = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
-    pictures = viz.denoising_frames(trajectory, x0, "both", every=2, labels=torch.tensor([0, 1, 2]),
-                                    class_names=("cat", "dog", "ant"))
+    pictures = viz.denoising_frames(
+        trajectory, x0, "both", every=2, labels=torch.tensor([0, 1, 2]), class_names=("cat", "dog", "ant")
+    )
     assert len(pictures) == 3 and len({p.size for p in pictures}) == 1
     viz.save_gif(pictures, tmp_path / "rgb.gif", fps=20)
     assert Image.open(tmp_path / "rgb.gif").n_frames == 3
@@ -118,8 +135,10 @@ def test_forward_process_is_q_sample_with_one_noise_per_image():
     assert x_t.shape == (4, 4, 1, 8, 8)
     assert torch.equal(x_t[:, 0], x0)  # alpha_bar_0 = 1: t = 0 is the clean image
     # eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) is the same noise at every t > 0
-    eps = [(x_t[:, k] - schedule.alpha_bar[t].sqrt() * x0) / (1 - schedule.alpha_bar[t]).sqrt()
-           for k, t in ((1, 10), (2, 30), (3, 50))]
+    eps = [
+        (x_t[:, k] - schedule.alpha_bar[t].sqrt() * x0) / (1 - schedule.alpha_bar[t]).sqrt()
+        for k, t in ((1, 10), (2, 30), (3, 50))
+    ]
     assert torch.allclose(eps[0], eps[1], atol=1e-4) and torch.allclose(eps[0], eps[2], atol=1e-3)
 
 
@@ -133,7 +152,7 @@ def test_forward_figure_shows_clean_images_then_noise(tmp_path):
 
     def column(c):
         left = 2 + c * TILE
-        return np.stack([pixels[viz.HEADER_H + 2 + r * TILE:][:56, left:left + 56] for r in range(6)])
+        return np.stack([pixels[viz.HEADER_H + 2 + r * TILE :][:56, left : left + 56] for r in range(6)])
 
     clean = np.stack([np.asarray(viz.to_pil(image, scale=2)) for image in x0])
     assert np.array_equal(column(0), clean)
@@ -158,8 +177,28 @@ def test_forward_steps_and_one_per_class():
 
 def test_forward_command_writes_a_captioned_figure(tiny_mnist, tmp_path):
     out = tmp_path / "noising.png"
-    assert main(["forward", "--dataset", "mnist", "--data-dir", str(tiny_mnist), "--out", str(out),
-                 "--n", "3", "--timesteps", "50", "--num", "5", "--schedule", "linear"]) == 0
+    assert (
+        main(
+            [
+                "forward",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(tiny_mnist),
+                "--out",
+                str(out),
+                "--n",
+                "3",
+                "--timesteps",
+                "50",
+                "--num",
+                "5",
+                "--schedule",
+                "linear",
+            ]
+        )
+        == 0
+    )
     # three rows (classes 0, 1, 2, captioned with one digit: 12 pixels), five columns t = 0..50
     assert Image.open(out).size == (12 + 2 + 5 * TILE, viz.HEADER_H + 2 + 3 * TILE)
 
@@ -191,15 +230,18 @@ def test_montage_puts_pictures_side_by_side_under_titles(tmp_path):
 # ---- one-line errors ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["animate", "{tmp}/no-such-run"], "not a ddpmkit run directory"),
-    (["animate", "{run}", "--every", "0"], "--every must be >= 1"),
-    (["animate", "{run}", "--fps", "0"], "--fps must be > 0"),
-    (["animate", "{run}", "--class", "12"], "out of range"),
-    (["forward", "--dataset", "imagenet"], "Unknown dataset"),
-    (["forward", "--dataset", "mnist", "--timesteps", "50", "--steps", "0,25,60"], "t = 60 is outside 0..T = 50"),
-    (["forward", "--dataset", "mnist", "--num", "1"], "--num must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["animate", "{tmp}/no-such-run"], "not a ddpmkit run directory"),
+        (["animate", "{run}", "--every", "0"], "--every must be >= 1"),
+        (["animate", "{run}", "--fps", "0"], "--fps must be > 0"),
+        (["animate", "{run}", "--class", "12"], "out of range"),
+        (["forward", "--dataset", "imagenet"], "Unknown dataset"),
+        (["forward", "--dataset", "mnist", "--timesteps", "50", "--steps", "0,25,60"], "t = 60 is outside 0..T = 50"),
+        (["forward", "--dataset", "mnist", "--num", "1"], "--num must be >= 2"),
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_2(run, tmp_path, capsys, argv, words):
     argv = [a.format(tmp=tmp_path, run=run) for a in argv]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2

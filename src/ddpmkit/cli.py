@@ -9,28 +9,52 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint
-from .config import PRESETS, RunConfig, SampleConfig, apply_overrides, validate
-from .errors import DdpmkitError
-from .fileio import atomic_write
+from ddpmkit import __version__
+from ddpmkit.core.diffusion import OBJECTIVES
+from ddpmkit.core.precision import PRECISIONS
+from ddpmkit.core.samplers import SAMPLERS
+from ddpmkit.core.schedules import SCHEDULES, SPACINGS
+from ddpmkit.data import DATASETS
+from ddpmkit.errors import DdpmkitError, either
+from ddpmkit.fileio import atomic_write
+from ddpmkit.models import ARCHITECTURES
+from ddpmkit.run import checkpoint
+from ddpmkit.run.config import (
+    DDPM_VARIANCES,
+    ON_NAN,
+    OPTIMIZERS,
+    RunConfig,
+    SampleConfig,
+    apply_overrides,
+    resume_config,
+    validate,
+    with_dataset,
+)
+from ddpmkit.run.presets import PRESETS
 
 # flag -> (section.field, type, help); all default to "not given" so presets and resume can tell
 _ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731
 _ints.__name__ = "comma-separated integers"
 _gamma_or_off = lambda text: None if text.strip().lower() == "off" else float(text)  # noqa: E731
 _gamma_or_off.__name__ = "number or off"
+
+
 TRAIN_FLAGS = [
-    ("--dataset", "data.dataset", str, "mnist, fashion-mnist, cifar10 or folder (default fashion-mnist)"),
+    ("--dataset", "data.dataset", str, f"{either(DATASETS)} (default fashion-mnist)"),
     ("--data-dir", "data.data_dir", str, "where the dataset files are (else the usual places, else download)"),
     ("--image-size", "data.image_size", int, "resize images to this size (folder datasets)"),
     ("--label-dropout", "data.label_dropout", float, "probability of training a label as the null class (0.1)"),
-    ("--arch", "model.arch", str, "unet (seed 002 DDPM U-Net) or convnext (seed 001 notebook)"),
+    (
+        "--arch",
+        "model.arch",
+        str,
+        f"{either(ARCHITECTURES)}: the seed-002 DDPM U-Net or the seed-001 notebook's (unet)",
+    ),
     ("--base-channels", "model.base_channels", int, "U-Net width at the first level (32)"),
     ("--channel-mults", "model.channel_mults", _ints, "width multipliers per level, e.g. 1,2,2"),
     ("--num-res-blocks", "model.num_res_blocks", int, "residual blocks per level (1)"),
@@ -44,51 +68,90 @@ TRAIN_FLAGS = [
     ("--init-conv-kernel", "model.init_conv_kernel", int, "kernel of the first convolution (3; seed 003 uses 7)"),
     ("--mult", "model.mult", int, "ConvNeXt expansion factor m (3)"),
     ("--timesteps", "diffusion.timesteps", int, "number of diffusion steps T (1000)"),
-    ("--schedule", "diffusion.schedule", str, "noise schedule: linear or cosine (cosine)"),
-    ("--objective", "diffusion.objective", str, "what the network predicts: eps, x0 or v (v)"),
-    ("--min-snr-gamma", "diffusion.min_snr_gamma", _gamma_or_off, "min-SNR loss weighting: weight "
-     "min(SNR, gamma) on the x0 error (5); off = L_simple"),
+    ("--schedule", "diffusion.schedule", str, f"noise schedule: {either(SCHEDULES)} (cosine)"),
+    ("--objective", "diffusion.objective", str, f"what the network predicts: {either(OBJECTIVES)} (v)"),
+    (
+        "--min-snr-gamma",
+        "diffusion.min_snr_gamma",
+        _gamma_or_off,
+        "min-SNR loss weighting: weight min(SNR, gamma) on the x0 error (5); off = L_simple",
+    ),
     ("--steps", "train.steps", int, "train until this total number of optimizer steps"),
     ("--epochs", "train.epochs", float, "train until this many epochs in total"),
     ("--minutes", "train.minutes", float, "train for this many minutes of wall clock (this invocation)"),
-    ("--batch-size", "train.batch_size", int, "images per micro-batch and process (64); the effective batch "
-     "of one optimizer step is batch-size x processes x grad-accum"),
+    (
+        "--batch-size",
+        "train.batch_size",
+        int,
+        "images per micro-batch and process (64); the effective batch "
+        "of one optimizer step is batch-size x processes x grad-accum",
+    ),
     ("--grad-accum", "train.grad_accum", int, "micro-batches accumulated per optimizer step (1)"),
     ("--workers", "data.workers", int, "DataLoader processes decoding images when streaming (min(4, CPUs))"),
-    ("--optimizer", "train.optimizer", str, "adamw or adam (adamw)"),
+    ("--optimizer", "train.optimizer", str, f"{either(OPTIMIZERS)} (adamw)"),
     ("--lr", "train.lr", float, "peak learning rate (1e-3)"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay (0)"),
     ("--warmup", "train.warmup", int, "linear learning-rate warm-up steps (200)"),
     ("--grad-clip", "train.grad_clip", float, "clip the gradient norm to this (1.0; 0 = off)"),
     ("--ema-decay", "train.ema_decay", float, "EMA decay of the sampling weights (0.999)"),
     ("--seed", "train.seed", int, "random seed (0)"),
-    ("--precision", "train.precision", str, "auto, fp32, bf16 or fp16 autocast (auto: bf16 where the hardware has it)"),
+    ("--precision", "train.precision", str, f"{either(PRECISIONS)} autocast (auto: bf16 where the hardware has it)"),
     ("--log-every", "train.log_every", int, "log metrics every N steps (50)"),
     ("--sample-every", "train.sample_every", int, "write a sample grid every N steps (1000)"),
     ("--checkpoint-every", "train.checkpoint_every", int, "save a checkpoint every N steps (1000)"),
     ("--keep", "train.keep", int, "checkpoints kept on disk (2)"),
-    ("--on-nan", "train.on_nan", str, "on a NaN/inf loss or gradient: stop or skip the step (stop)"),
-    ("--sampler", "sample.sampler", str, "default sampler for grids and `sample`: ddpm, ddim, dpm++"),
+    ("--on-nan", "train.on_nan", str, f"on a NaN/inf loss or gradient: {either(ON_NAN)} the step (stop)"),
+    ("--sampler", "sample.sampler", str, f"default sampler for grids and `sample`: {either(SAMPLERS)} (ddim)"),
     ("--sample-steps", "sample.steps", int, "default number of sampling steps (50)"),
-    ("--eta", "sample.eta", float, "default DDIM eta (0)"),
+    ("--eta", "sample.eta", float, "default eta of the samplers that take it (ddim; 0)"),
+    ("--variance", "sample.variance", str, f"default reverse variance of ddpm: {either(DDPM_VARIANCES)} (beta_tilde)"),
 ]
+# every option of every sampler (a SampleConfig field) has a flag in `sample`, `animate` and `eval`
+SAMPLER_OPTION_FLAGS = {
+    "eta": (float, "eta in [0, 1] of the samplers that take it (ddim: 0 deterministic, 1 DDPM-like noise)"),
+    "variance": (str, f"ddpm's reverse variance: {either(DDPM_VARIANCES)} (beta_tilde, the posterior's)"),
+}
 # boolean switches: flag -> (section.field, value when given, help)
 BOOL_FLAGS = {
     "--unconditional": ("data.conditional", False, "train without class labels"),
     "--self-condition": ("model.self_condition", True, "self-conditioning on the previous x0 estimate"),
     "--final-res-block": ("model.final_res_block", True, "seed 003: a last residual block on [x, first features]"),
     "--learn-sigma": ("diffusion.learn_sigma", True, "learn the reverse variances (L_simple + 0.001 L_vlb)"),
-    "--stream": ("data.stream", True, "folder datasets: decode images in --workers processes instead of "
-                 "loading them all into memory (automatic when they would not fit)"),
-    "--grad-checkpointing": ("train.grad_checkpointing", True, "recompute U-Net activations in the backward "
-                             "pass: less memory, about a third more compute"),
-    "--compile": ("train.compile", True, "torch.compile the training network (worth it on GPUs; minutes of "
-                  "compiling, and slower on the CPUs we measured)"),
+    "--stream": (
+        "data.stream",
+        True,
+        "folder datasets: decode images in --workers processes instead of "
+        "loading them all into memory (automatic when they would not fit)",
+    ),
+    "--grad-checkpointing": (
+        "train.grad_checkpointing",
+        True,
+        "recompute U-Net activations in the backward pass: less memory, about a third more compute",
+    ),
+    "--compile": (
+        "train.compile",
+        True,
+        "torch.compile the training network (worth it on GPUs; minutes of "
+        "compiling, and slower on the CPUs we measured)",
+    ),
 }
 # resuming may change these: the budget, logging, and how the same global batch is computed
-RESUMABLE = {"train.steps", "train.epochs", "train.minutes", "train.log_every", "train.sample_every",
-             "train.checkpoint_every", "train.keep", "train.on_nan", "train.batch_size", "train.grad_accum",
-             "train.grad_checkpointing", "train.compile", "data.stream", "data.workers"}
+RESUMABLE = {
+    "train.steps",
+    "train.epochs",
+    "train.minutes",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.keep",
+    "train.on_nan",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.grad_checkpointing",
+    "train.compile",
+    "data.stream",
+    "data.workers",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,23 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a diffusion model into a run directory",
-                       description="Train a diffusion model. Give a budget with --steps, --epochs or --minutes. "
-                       "Several processes: --nproc N on one machine, or torchrun --nproc_per_node N -m ddpmkit "
-                       "train ...; each step then trains on batch-size x N x grad-accum images. "
-                       "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits 130 or 143.")
+    p = sub.add_parser(
+        "train",
+        help="train a diffusion model into a run directory",
+        description="Train a diffusion model. Give a budget with --steps, --epochs or --minutes. "
+        "Several processes: --nproc N on one machine, or torchrun --nproc_per_node N -m ddpmkit "
+        "train ...; each step then trains on batch-size x N x grad-accum images. "
+        "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits 130 or 143.",
+    )
     p.add_argument("--out", required=True, help="the run directory (must be new unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to the new budget")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
     for flag, (_, _, text) in BOOL_FLAGS.items():
         p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
     for flag, dest, kind, text in TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text,
-                       metavar=flag[2:].upper().replace("-", "_"))
+        p.add_argument(
+            flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text, metavar=flag[2:].upper().replace("-", "_")
+        )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, help="train in N processes on this machine (data parallel; runs "
-                   "`python -m torch.distributed.run --standalone --nproc_per_node N -m ddpmkit train ...`)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train in N processes on this machine (data parallel; runs "
+        "`python -m torch.distributed.run --standalone --nproc_per_node N -m ddpmkit train ...`)",
+    )
 
 
 def _sample_parser(sub) -> None:
@@ -142,13 +213,17 @@ def _sample_parser(sub) -> None:
 
 
 def _sampler_flags(p) -> None:
-    p.add_argument("--sampler", help="ddpm, ddim or dpm++ (the run's default)")
+    p.add_argument("--sampler", help=f"{either(SAMPLERS)} (the run's default)")
     p.add_argument("--steps", type=int, help="sampling steps (the run's default)")
-    p.add_argument("--eta", type=float, help="DDIM eta in [0, 1]")
-    p.add_argument("--spacing", help="uniform, quadratic or trailing")
+    p.add_argument("--spacing", help=f"{either(SPACINGS)} (the run's default)")
+    for name, (kind, text) in SAMPLER_OPTION_FLAGS.items():
+        p.add_argument(f"--{name}", type=kind, help=text)
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight W (1 = plain conditional)")
-    p.add_argument("--precision", help="the network's precision while sampling: auto, fp32, bf16 or fp16 "
-                   "(the run's; auto = bf16 where the hardware has it)")
+    p.add_argument(
+        "--precision",
+        help=f"the network's precision while sampling: {either(PRECISIONS)} "
+        "(the run's; auto = bf16 where the hardware has it)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
 
 
@@ -158,8 +233,12 @@ def _animate_parser(sub) -> None:
     p.add_argument("--out", default="denoise.gif", help="the GIF to write (denoise.gif)")
     p.add_argument("--n", type=int, default=16, help="number of samples in the grid (16)")
     p.add_argument("--class", dest="class_id", type=int, help="draw only this class id")
-    p.add_argument("--frames", choices=("x_t", "x0_hat", "both"), default="both",
-                   help="show the iterate x_t, the denoiser's estimate x0_hat, or both side by side (both)")
+    p.add_argument(
+        "--frames",
+        choices=("x_t", "x0_hat", "both"),
+        default="both",
+        help="show the iterate x_t, the denoiser's estimate x0_hat, or both side by side (both)",
+    )
     p.add_argument("--every", type=int, default=1, help="keep every K-th step; the first and last always (1)")
     p.add_argument("--fps", type=float, default=10.0, help="frames per second (10); the last frame is held 2 s")
     _sampler_flags(p)
@@ -169,15 +248,18 @@ def _animate_parser(sub) -> None:
 
 def _forward_parser(sub) -> None:
     p = sub.add_parser("forward", help="a figure of dataset images noised by q(x_t | x0) at increasing t")
-    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10 or folder")
+    p.add_argument("--dataset", required=True, help=either(DATASETS))
     p.add_argument("--data-dir", help="where the dataset files are (else the usual places, else download)")
     p.add_argument("--out", default="noising.png", help="the PNG to write (noising.png)")
     p.add_argument("--n", type=int, default=6, help="images, one row each, taking the classes in turn (6)")
     which_t = p.add_mutually_exclusive_group()
-    which_t.add_argument("--steps", type=_ints, help="the steps t to show, e.g. 0,50,100,250,500,750,1000 "
-                         "(default 0, .05T, .1T, .25T, .5T, .75T, T)")
+    which_t.add_argument(
+        "--steps",
+        type=_ints,
+        help="the steps t to show, e.g. 0,50,100,250,500,750,1000 (default 0, .05T, .1T, .25T, .5T, .75T, T)",
+    )
     which_t.add_argument("--num", type=int, help="show this many steps evenly spaced over 0..T")
-    p.add_argument("--schedule", default="cosine", help="noise schedule: linear or cosine (cosine)")
+    p.add_argument("--schedule", default="cosine", help=f"noise schedule: {either(SCHEDULES)} (cosine)")
     p.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T (1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the noise (0)")
 
@@ -187,6 +269,7 @@ def _forward_parser(sub) -> None:
 
 def _device(name: str):
     import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
@@ -211,15 +294,17 @@ def _given(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from . import distributed
-    from .loader import training_data
-    from .train import Trainer
+    from ddpmkit.train import distributed
+    from ddpmkit.train.stream import training_data
+    from ddpmkit.train.trainer import Trainer, total_steps
 
     if args.nproc is not None:  # run this same command in N processes under torchrun
         return distributed.relaunch(args.nproc, distributed.without_option(args.argv, "--nproc"))
     given, run_dir = _given(args), Path(args.out)
     if args.resume:
-        config = _resume_config(run_dir, given, args.preset)
+        if args.preset:
+            raise DdpmkitError("--preset cannot be combined with --resume (the run keeps its configuration)")
+        config = resume_config(checkpoint.load_config(run_dir), given, _flageither())
     else:
         config = apply_overrides(RunConfig(preset=args.preset), PRESETS.get(args.preset, {}))
         config = apply_overrides(config, given)
@@ -229,9 +314,9 @@ def cmd_train(args) -> int:
     try:
         device = distributed.device_for_rank(requested)
         data = distributed.rank_zero_first(lambda: training_data(config), device)  # one download, by rank 0
-        _describe_data(config, data)
+        config = with_dataset(config, data.info, labelled=_labelled(data))
         # a missing budget or an architecture that cannot be built fails before --out is created
-        total = _total_steps(config, len(data), dist.world_size)
+        total = total_steps(config, len(data), dist.world_size)
         trainer = Trainer(config, run_dir, data, device)
         if not args.resume:
             distributed.on_rank_zero(lambda: checkpoint.create_run(run_dir, config), device)
@@ -247,62 +332,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _flageither() -> dict:
+    """config field -> its flag, for messages."""
+    return {dest: f for f, dest, _, _ in TRAIN_FLAGS} | {dest: f for f, (dest, _, _) in BOOL_FLAGS.items()}
+
+
+def _labelled(data) -> bool:
+    import torch
+
+    return bool(len(data.labels)) and int(torch.as_tensor(data.labels).min()) >= 0
+
+
 def _interrupted(signum: int, step: int, run_dir: Path, rank: int) -> int:
     """SIGINT/SIGTERM stopped training and its checkpoint is saved: exit 128 + signal, as shells do."""
     import signal
+
     if rank == 0:
-        print(f"ddpmkit train: stopped by {signal.Signals(signum).name} at step {step} and saved a checkpoint; "
-              f"continue with `ddpmkit train --out {run_dir} --resume`", file=sys.stderr)
+        print(
+            f"ddpmkit train: stopped by {signal.Signals(signum).name} at step {step} and saved a checkpoint; "
+            f"continue with `ddpmkit train --out {run_dir} --resume`",
+            file=sys.stderr,
+        )
     return 128 + signum
 
 
-def _describe_data(config: RunConfig, data) -> None:
-    """Fill in the config's image shape and classes from the dataset; refuse labels it lacks."""
-    import torch
-
-    info = data.info
-    config.in_channels, config.image_size = info.channels, info.image_size
-    config.num_classes, config.class_names = info.num_classes, tuple(info.class_names)
-    if config.data.conditional and (info.num_classes == 0 or int(torch.as_tensor(data.labels).min()) < 0):
-        raise DdpmkitError(f"dataset {info.name} has no class labels; train it with --unconditional")
-
-
-def _resume_config(run_dir: Path, given: dict, preset) -> RunConfig:
-    if preset:
-        raise DdpmkitError("--preset cannot be combined with --resume (the run keeps its configuration)")
-    config = checkpoint.load_config(run_dir)
-    # the same command line again plus --resume is fine: only a flag whose value differs is refused
-    changed = [(f"{s}.{k}", getattr(getattr(config, s), k)) for s, values in given.items()
-               for k, v in values.items() if f"{s}.{k}" not in RESUMABLE and getattr(getattr(config, s), k) != v]
-    if changed:
-        names = {dest: f for f, dest, _, _ in TRAIN_FLAGS} | {dest: f for f, (dest, _, _) in BOOL_FLAGS.items()}
-        (dest, old), = changed[:1]
-        raise DdpmkitError(f"{names[dest]} cannot change when resuming (this run has {old!r}); "
-                           "only the budget and logging flags can")
-    budget = {k: None for k in ("steps", "epochs", "minutes")} if any(
-        k in given.get("train", {}) for k in ("steps", "epochs", "minutes")) else {}
-    resumable = {s: {k: v for k, v in values.items() if f"{s}.{k}" in RESUMABLE} for s, values in given.items()}
-    return apply_overrides(config, {**resumable, "train": {**budget, **resumable.get("train", {})}})
-
-
-def _total_steps(config: RunConfig, n_data: int, world_size: int):
-    t = config.train
-    if t.steps is None and t.epochs is None and t.minutes is None:
-        raise DdpmkitError("give a training budget: --steps N, --epochs N or --minutes N")
-    if t.epochs is not None:
-        global_batch = t.batch_size * t.grad_accum * world_size
-        steps = t.epochs * n_data / global_batch
-        if not steps < 2**53:  # inf, or beyond what a float counts exactly
-            raise DdpmkitError(f"--epochs {t.epochs} is more optimizer steps than can be counted")
-        steps = math.ceil(steps)
-        return min(steps, t.steps) if t.steps is not None else steps
-    return t.steps
-
-
 def cmd_sample(args) -> int:
-    from .sampling import check_guidance, default_labels, generate, load_denoiser
-    from . import viz
-    from .data import to_uint8
+    from ddpmkit import viz
+    from ddpmkit.core.pixels import to_uint8
+    from ddpmkit.run.load import load_denoiser
+    from ddpmkit.run.sampling import check_guidance, default_labels, generate
 
     if args.n < 1:
         raise DdpmkitError(f"--n must be >= 1, got {args.n}")
@@ -313,9 +371,17 @@ def cmd_sample(args) -> int:
     settings = sample_settings(config.sample, args)
     check_guidance(config, settings.guidance)
     labels = default_labels(config, args.n, args.class_id)
-    images = generate(denoiser, args.n, (config.in_channels, config.image_size, config.image_size),
-                      labels=labels, settings=settings, seed=args.seed, batch_size=args.batch_size,
-                      device=device, progress=True)
+    images = generate(
+        denoiser,
+        args.n,
+        (config.in_channels, config.image_size, config.image_size),
+        labels=labels,
+        settings=settings,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        progress=True,
+    )
     viz.save_grid(images, Path(args.out), labels=labels, class_names=config.class_names)
     if args.npz:
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
@@ -329,22 +395,25 @@ def cmd_sample(args) -> int:
 
 
 def sample_settings(defaults: SampleConfig, args) -> SampleConfig:
-    """The run's sampling defaults, overridden by the flags given."""
+    """The run's sampling defaults, overridden by the flags given (one flag per SampleConfig field)."""
     values = dict(defaults.__dict__)
-    for name in ("sampler", "steps", "eta", "spacing", "guidance", "precision"):
+    for name in values:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     return SampleConfig(**values)
 
 
 def cmd_animate(args) -> int:
-    from .samplers import Trajectory
-    from .sampling import check_guidance, default_labels, generate, load_denoiser
-    from . import viz
+    from ddpmkit import viz
+    from ddpmkit.core.samplers import Trajectory
+    from ddpmkit.run.load import load_denoiser
+    from ddpmkit.run.sampling import check_guidance, default_labels, generate
 
-    for ok, message in ((args.n >= 1, f"--n must be >= 1, got {args.n}"),
-                        (args.every >= 1, f"--every must be >= 1, got {args.every}"),
-                        (args.fps > 0, f"--fps must be > 0, got {args.fps}")):
+    for ok, message in (
+        (args.n >= 1, f"--n must be >= 1, got {args.n}"),
+        (args.every >= 1, f"--every must be >= 1, got {args.every}"),
+        (args.fps > 0, f"--fps must be > 0, got {args.fps}"),
+    ):
         if not ok:
             raise DdpmkitError(message)
     device = _device(args.device)
@@ -353,10 +422,20 @@ def cmd_animate(args) -> int:
     check_guidance(config, settings.guidance)
     labels = default_labels(config, args.n, args.class_id)
     trajectory = Trajectory()  # one batch, so the callback sees every image at every step
-    x0 = generate(denoiser, args.n, (config.in_channels, config.image_size, config.image_size), labels=labels,
-                  settings=settings, seed=args.seed, batch_size=args.n, device=device, callback=trajectory)
-    pictures = viz.denoising_frames(trajectory, x0, args.frames, args.every, labels=labels,
-                                    class_names=config.class_names)
+    x0 = generate(
+        denoiser,
+        args.n,
+        (config.in_channels, config.image_size, config.image_size),
+        labels=labels,
+        settings=settings,
+        seed=args.seed,
+        batch_size=args.n,
+        device=device,
+        callback=trajectory,
+    )
+    pictures = viz.denoising_frames(
+        trajectory, x0, args.frames, args.every, labels=labels, class_names=config.class_names
+    )
     viz.save_gif(pictures, Path(args.out), fps=args.fps)
     print(f"wrote {args.out} ({len(pictures)} frames)")
     return 0
@@ -364,9 +443,11 @@ def cmd_animate(args) -> int:
 
 def cmd_forward(args) -> int:
     import torch
-    from . import viz
-    from .data import load_dataset, to_model_range
-    from .schedules import build_schedule
+
+    from ddpmkit import viz
+    from ddpmkit.core.pixels import to_model_range
+    from ddpmkit.core.schedules import build_schedule
+    from ddpmkit.data import load_dataset
 
     if args.n < 1:
         raise DdpmkitError(f"--n must be >= 1, got {args.n}")
@@ -376,19 +457,27 @@ def cmd_forward(args) -> int:
     data = load_dataset(args.dataset, "train", data_dir=args.data_dir)
     index = viz.one_per_class(data.labels, args.n)
     labels = data.labels[index] if bool((data.labels[index] >= 0).all()) else None
-    figure = viz.forward_figure(schedule, to_model_range(data.images[index]), steps, labels=labels,
-                                class_names=data.info.class_names,
-                                generator=torch.Generator().manual_seed(args.seed))
+    figure = viz.forward_figure(
+        schedule,
+        to_model_range(data.images[index]),
+        steps,
+        labels=labels,
+        class_names=data.info.class_names,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     viz.save_png(figure, Path(args.out))
     print(f"wrote {args.out}")
     return 0
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score a run's samples (domain FD, accuracy, precision/recall, FID/IS) "
-                                    "and its bits/dim; or score real images with --reference",
-                       description="Evaluate RUN_DIR, or with --reference DATASET score N real training images "
-                                   "(optionally blurred) against the test set, to show what the numbers mean.")
+    p = sub.add_parser(
+        "eval",
+        help="score a run's samples (domain FD, accuracy, precision/recall, FID/IS) "
+        "and its bits/dim; or score real images with --reference",
+        description="Evaluate RUN_DIR, or with --reference DATASET score N real training images "
+        "(optionally blurred) against the test set, to show what the numbers mean.",
+    )
     p.add_argument("run_dir", nargs="?", help="a run directory made by `ddpmkit train`")
     p.add_argument("--reference", metavar="DATASET", help="score real TRAIN images of this dataset instead of a run")
     p.add_argument("--data-dir", help="with --reference: where the dataset files are")
@@ -397,12 +486,23 @@ def _eval_parser(sub) -> None:
     _sampler_flags(p)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
     p.add_argument("--nll-n", type=int, default=100, help="test images for bits/dim (100; 0 = skip)")
-    p.add_argument("--nll-stride", type=int, default=10,
-                   help="evaluate one KL term per block of K steps, stratified (10; 1 = every term)")
-    p.add_argument("--inception-weights", metavar="PATH",
-                   help="InceptionV3 weights for FID/IS (else $DDPMKIT_INCEPTION_WEIGHTS, the cache, a download)")
-    p.add_argument("--inception", choices=("auto", "on", "off"), default="auto",
-                   help="Inception FID/IS: on, off, or auto = only on a GPU (seconds per image on a CPU)")
+    p.add_argument(
+        "--nll-stride",
+        type=int,
+        default=10,
+        help="evaluate one KL term per block of K steps, stratified (10; 1 = every term)",
+    )
+    p.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="InceptionV3 weights for FID/IS (else $DDPMKIT_INCEPTION_WEIGHTS, the cache, a download)",
+    )
+    p.add_argument(
+        "--inception",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Inception FID/IS: on, off, or auto = only on a GPU (seconds per image on a CPU)",
+    )
     p.add_argument("--out", help="the JSON report (default RUN_DIR/eval-<time>-<sampler><steps>.json)")
     p.add_argument("--which", choices=("ema", "model"), default="ema", help="EMA or raw weights (ema)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
@@ -413,20 +513,29 @@ def cmd_eval(args) -> int:
     import json
     import os
     import time
-    from . import evaluate
 
-    for ok, message in ((args.n >= 4, f"--n must be >= 4 (precision/recall use 3 neighbours), got {args.n}"),
-                        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-                        (args.nll_n >= 0, f"--nll-n must be >= 0, got {args.nll_n}"),
-                        (args.nll_stride >= 1, f"--nll-stride must be >= 1, got {args.nll_stride}"),
-                        (args.blur >= 0, f"--blur must be >= 0, got {args.blur}"),
-                        ((args.run_dir is None) != (args.reference is None), "give either RUN_DIR or --reference")):
+    from ddpmkit.eval import report as evaluate
+
+    for ok, message in (
+        (args.n >= 4, f"--n must be >= 4 (precision/recall use 3 neighbours), got {args.n}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.nll_n >= 0, f"--nll-n must be >= 0, got {args.nll_n}"),
+        (args.nll_stride >= 1, f"--nll-stride must be >= 1, got {args.nll_stride}"),
+        (args.blur >= 0, f"--blur must be >= 0, got {args.blur}"),
+        ((args.run_dir is None) != (args.reference is None), "give either RUN_DIR or --reference"),
+    ):
         if not ok:
             raise DdpmkitError(message)
     device, progress = _device(args.device), not args.no_progress
     weights = args.inception_weights or os.environ.get("DDPMKIT_INCEPTION_WEIGHTS") or None
-    common = {"n": args.n, "seed": args.seed, "inception": args.inception, "inception_weights_path": weights,
-              "device": device, "progress": progress}
+    common = {
+        "n": args.n,
+        "seed": args.seed,
+        "inception": args.inception,
+        "inception_weights_path": weights,
+        "device": device,
+        "progress": progress,
+    }
     started = time.monotonic()
     if args.reference:
         report = evaluate.evaluate_reference(args.reference, data_dir=args.data_dir, blur=args.blur, **common)
@@ -434,8 +543,15 @@ def cmd_eval(args) -> int:
     else:
         run_dir = Path(args.run_dir)
         settings = sample_settings(checkpoint.load_config(run_dir).sample, args)
-        report = evaluate.evaluate_run(run_dir, settings=settings, batch_size=args.batch_size, nll_n=args.nll_n,
-                                       nll_stride=args.nll_stride, which=args.which, **common)
+        report = evaluate.evaluate_run(
+            run_dir,
+            settings=settings,
+            batch_size=args.batch_size,
+            nll_n=args.nll_n,
+            nll_stride=args.nll_stride,
+            which=args.which,
+            **common,
+        )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else run_dir / f"eval-{stamp}-{settings.sampler}{settings.steps}.json"
     report.update(evaluate.provenance(args.argv, weights, time.monotonic() - started))
@@ -446,8 +562,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "forward": cmd_forward,
-            "eval": cmd_eval}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "forward": cmd_forward, "eval": cmd_eval}
 
 
 def main(argv=None) -> int:

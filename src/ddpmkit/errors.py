@@ -6,3 +6,9 @@ class DdpmkitError(Exception):
 
     Raise it with a message that says what is wrong and, where possible, what to do.
     """
+
+
+def either(names) -> str:
+    """ "a", "a or b", "a, b or c": the choices a message offers, in order."""
+    names = [str(name) for name in names]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)

@@ -1,27 +1,27 @@
-"""Pictures and progress: sample grids, the reverse process as a GIF, the forward process,
-the noise schedules, loss curves and progress bars.
+"""Pictures: sample grids, the reverse process as a GIF, the forward process, the noise schedules
+and loss curves.
 
-Images arrive as float tensors in [-1, 1], [N, C, H, W]; every file is written atomically.
+Images arrive as float tensors in [-1, 1], [N, C, H, W]; every file is written atomically. Plots use
+matplotlib's object-oriented Figure (no pyplot, so no global backend is chosen for the caller).
 """
 
 from __future__ import annotations
 
 import io
 import math
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
-from . import diffusion
-from .data import to_uint8
-from .errors import DdpmkitError
-from .fileio import atomic_write
-from .schedules import SCHEDULES, Schedule, build_schedule
+from ddpmkit.core import diffusion
+from ddpmkit.core.pixels import to_uint8
+from ddpmkit.core.schedules import SCHEDULES, Schedule, build_schedule
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.fileio import atomic_write
 
 CAPTION_H = 12
 HEADER_H = 2 * CAPTION_H + 2  # the white strip above a figure: two lines of column titles
@@ -34,8 +34,14 @@ def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
-def grid_image(images: torch.Tensor, labels=None, class_names: Sequence[str] = (), ncol: Optional[int] = None,
-               scale: int = 2, pad: int = 2) -> Image.Image:
+def grid_image(
+    images: torch.Tensor,
+    labels=None,
+    class_names: Sequence[str] = (),
+    ncol: int | None = None,
+    scale: int = 2,
+    pad: int = 2,
+) -> Image.Image:
     """Tile images into a grid; when labels are given, each row whose labels agree gets a caption."""
     n = images.shape[0]
     if ncol is None:
@@ -96,15 +102,15 @@ def loss_curve(metrics: list[dict], path: Path) -> None:
     """The training loss (log scale) against the step, with a moving average over the raw values."""
     if not metrics:
         return
-    plt = _pyplot()
     steps = [m["step"] for m in metrics]
     losses = [m["loss"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, losses, lw=1, alpha=0.4, label="logged loss")
     window = len(losses) // 20
     if window >= 2:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, lw=1.8, label=f"moving average of {window} logs")
+        ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"moving average of {window} logs")
         ax.legend(frameon=False)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -115,8 +121,8 @@ def loss_curve(metrics: list[dict], path: Path) -> None:
 
 def schedule_plot(path: Path, T: int = 1000) -> None:
     """alpha_bar_t and log SNR(t) of every registered schedule (linear vs cosine) for t = 1..T."""
-    plt = _pyplot()
-    fig, (ax_abar, ax_snr) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    fig = Figure(figsize=(9, 3.4), dpi=100)
+    ax_abar, ax_snr = fig.subplots(1, 2)
     for name in SCHEDULES:
         alpha_bar = build_schedule(name, T).alpha_bar[1:].numpy()
         t = np.arange(1, T + 1)
@@ -131,19 +137,10 @@ def schedule_plot(path: Path, T: int = 1000) -> None:
     _save_figure(fig, path)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     atomic_write(Path(path), buf.getvalue())
 
 
@@ -153,8 +150,10 @@ def montage(paths: Sequence[Path], out: Path, titles: Sequence[str] = (), gap: i
         raise DdpmkitError(f"give one title per picture: {len(paths)} pictures, {len(titles)} titles")
     images = [Image.open(path) for path in paths]
     mode = "L" if all(image.mode == "L" for image in images) else "RGB"
-    panels = [_with_header(image.convert(mode), CAPTION_H + 2 if titles else 0, [(2, 1, titles[k])] if titles else [])
-              for k, image in enumerate(images)]
+    panels = [
+        _with_header(image.convert(mode), CAPTION_H + 2 if titles else 0, [(2, 1, titles[k])] if titles else [])
+        for k, image in enumerate(images)
+    ]
     width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
     canvas = white(mode, (width, max(panel.height for panel in panels)))
     x = 0
@@ -167,8 +166,9 @@ def montage(paths: Sequence[Path], out: Path, titles: Sequence[str] = (), gap: i
 # ---- the forward process: q(x_t | x0) at increasing t ------------------------------------------
 
 
-def forward_process(schedule: Schedule, x0: torch.Tensor, steps: Sequence[int],
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def forward_process(
+    schedule: Schedule, x0: torch.Tensor, steps: Sequence[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
     """x_t ~ q(x_t | x0) for every image and every t in `steps`: [N, len(steps), C, H, W].
 
     Each image keeps one eps for all t, so a row shows the same noise growing as alpha_bar_t falls.
@@ -187,7 +187,7 @@ def check_steps(steps: Sequence[int], T: int) -> None:
         raise DdpmkitError(f"step t = {bad[0]} is outside 0..T = {T}; lower it or raise --timesteps")
 
 
-def forward_steps(T: int, num: Optional[int] = None) -> list[int]:
+def forward_steps(T: int, num: int | None = None) -> list[int]:
     """num steps evenly spaced over 0..T, or by default 0, .05T, .1T, .25T, .5T, .75T and T."""
     if num is None:
         return sorted({round(f * T) for f in (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1)})
@@ -206,9 +206,17 @@ def one_per_class(labels: torch.Tensor, n: int) -> list[int]:
     return [members[c][j] for c, j in picks if j < len(members[c])]
 
 
-def forward_figure(schedule: Schedule, x0: torch.Tensor, steps: Sequence[int], *, labels=None,
-                   class_names: Sequence[str] = (), generator: Optional[torch.Generator] = None,
-                   scale: int = 2, pad: int = 2) -> Image.Image:
+def forward_figure(
+    schedule: Schedule,
+    x0: torch.Tensor,
+    steps: Sequence[int],
+    *,
+    labels=None,
+    class_names: Sequence[str] = (),
+    generator: torch.Generator | None = None,
+    scale: int = 2,
+    pad: int = 2,
+) -> Image.Image:
     """One row per image, one column per t, each column titled with t and alpha_bar_t."""
     x_t = forward_process(schedule, x0, steps, generator)
     row_labels = None if labels is None else torch.as_tensor(labels).repeat_interleave(len(steps))
@@ -248,8 +256,16 @@ def keep_every(n: int, every: int) -> list[int]:
     return kept if kept[-1] == n - 1 else kept + [n - 1]
 
 
-def denoising_frames(trajectory, x0: torch.Tensor, frames: str = "x_t", every: int = 1, *, labels=None,
-                     class_names: Sequence[str] = (), scale: int = 2) -> list[Image.Image]:
+def denoising_frames(
+    trajectory,
+    x0: torch.Tensor,
+    frames: str = "x_t",
+    every: int = 1,
+    *,
+    labels=None,
+    class_names: Sequence[str] = (),
+    scale: int = 2,
+) -> list[Image.Image]:
     """Pictures of a recorded reverse process (samplers.Trajectory): t_n, ..., t_1, then x0 at t = 0.
 
     frames: "x_t" (the iterate), "x0_hat" (the denoiser's guess of the clean image) or "both",
@@ -260,8 +276,10 @@ def denoising_frames(trajectory, x0: torch.Tensor, frames: str = "x_t", every: i
     ts = list(trajectory.t) + [0]
     series = {"x_t": list(trajectory.x_t) + [x0], "x0_hat": list(trajectory.x0_hat) + [x0]}
     shown = ("x_t", "x0_hat") if frames == "both" else (frames,)
-    panels = [[_titled_grid(series[name][k], name, ts[k], labels, class_names, scale) for name in shown]
-              for k in keep_every(len(ts), every)]
+    panels = [
+        [_titled_grid(series[name][k], name, ts[k], labels, class_names, scale) for name in shown]
+        for k in keep_every(len(ts), every)
+    ]
     width = max(panel.width for row in panels for panel in row)  # one size for every frame of the GIF
     return [_side_by_side(row, width) for row in panels]
 
@@ -289,35 +307,7 @@ def save_gif(pictures: Sequence[Image.Image], path: Path, fps: float = 10.0, hol
     frame_ms = max(20, round(1000 / fps))  # GIF delays are centiseconds; browsers clamp below 20 ms
     durations = [frame_ms] * (len(pictures) - 1) + [max(frame_ms, round(1000 * hold_s))]
     buf = io.BytesIO()
-    pictures[0].save(buf, format="GIF", save_all=True, append_images=list(pictures[1:]),
-                     duration=durations, loop=0, optimize=False)
+    pictures[0].save(
+        buf, format="GIF", save_all=True, append_images=list(pictures[1:]), duration=durations, loop=0, optimize=False
+    )
     atomic_write(Path(path), buf.getvalue())
-
-
-# ---- progress --------------------------------------------------------------------------------
-
-
-def maybe_tqdm(iterable, enabled: bool, desc: str):
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True) if enabled else iterable
-
-
-class progress_bar:
-    """A tqdm bar over steps (or minutes) showing loss, images/s and the time left."""
-
-    def __init__(self, step: int, total_steps: Optional[int], minutes: Optional[float], enabled: bool):
-        self.enabled, self.minutes, self.t0 = enabled, minutes, time.monotonic()
-        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not enabled) if enabled else None
-
-    def update_to(self, step: int, row: dict) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(step - self.bar.n)
-        post = {"loss": f"{row['loss']:.4f}", "img/s": f"{row['images_per_s']:.0f}"}
-        if self.minutes:
-            post["left"] = f"{max(0.0, self.minutes - (time.monotonic() - self.t0) / 60):.1f}min"
-        self.bar.set_postfix(post, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

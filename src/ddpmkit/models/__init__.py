@@ -12,9 +12,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"unet": UNet, "convnext": ConvNeXtU
 def build_model(arch: str, **kwargs) -> nn.Module:
     """The network registered as arch, built with kwargs (its constructor's keywords)."""
     if arch not in ARCHITECTURES:
-        raise DdpmkitError(
-            f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}."
-        )
+        raise DdpmkitError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}.")
     return ARCHITECTURES[arch](**kwargs)
 
 

@@ -36,15 +36,11 @@ class ConvNeXtBlock(nn.Module):
     GN, 3x3 conv to mult * c_out, GELU, GN, 3x3 conv to c_out; a 1x1 shortcut when widths differ.
     """
 
-    def __init__(
-        self, c_in: int, c_out: int, emb_dim: int, mult: int = 3, conditional: bool = False
-    ):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, mult: int = 3, conditional: bool = False):
         super().__init__()
         self.depthwise = nn.Conv2d(c_in, c_in, 7, padding=3, groups=c_in)
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_in))
-        self.class_proj = (
-            nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_in)) if conditional else None
-        )
+        self.class_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_in)) if conditional else None
         self.net = nn.Sequential(
             nn.GroupNorm(1, c_in),
             nn.Conv2d(c_in, mult * c_out, 3, padding=1),
@@ -64,9 +60,7 @@ class ConvNeXtBlock(nn.Module):
 class ConvNeXtStage(nn.Module):
     """The notebook's Block: a ConvNeXtBlock, then pre-norm attention with one GroupNorm group."""
 
-    def __init__(
-        self, c_in: int, c_out: int, emb_dim: int, mult: int, conditional: bool, num_heads: int
-    ):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, mult: int, conditional: bool, num_heads: int):
         super().__init__()
         self.block = ConvNeXtBlock(c_in, c_out, emb_dim, mult, conditional)
         self.attn = Attention2d(c_out, num_heads, "full", groups=1)
@@ -147,9 +141,7 @@ class ConvNeXtUNet(nn.Module):
         self.class_embed = ClassEmbedding(c["num_classes"], emb_dim) if c["num_classes"] else None
 
         def stage(c_in: int, c_out: int) -> ConvNeXtStage:
-            return ConvNeXtStage(
-                c_in, c_out, emb_dim, c["mult"], c["num_classes"] > 0, c["num_heads"]
-            )
+            return ConvNeXtStage(c_in, c_out, emb_dim, c["mult"], c["num_classes"] > 0, c["num_heads"])
 
         sizes = [c["image_size"]]
         for s in strides:
@@ -157,27 +149,20 @@ class ConvNeXtUNet(nn.Module):
         x_channels = c["in_channels"] * (2 if c["self_condition"] else 1)
         self.first = stage(x_channels, channels[0])
         self.downs = nn.ModuleList(
-            nn.Conv2d(channels[i - 1], channels[i], 3, strides[i - 1], padding=1)
-            for i in range(1, len(channels))
+            nn.Conv2d(channels[i - 1], channels[i], 3, strides[i - 1], padding=1) for i in range(1, len(channels))
         )
         self.down_stages = nn.ModuleList(stage(ch, ch) for ch in channels[1:])
         levels = range(len(channels) - 1, 0, -1)
         self.ups = nn.ModuleList(
-            up_conv(channels[i], channels[i - 1], strides[i - 1], sizes[i - 1], sizes[i])
-            for i in levels
+            up_conv(channels[i], channels[i - 1], strides[i - 1], sizes[i - 1], sizes[i]) for i in levels
         )
         self.up_stages = nn.ModuleList(
-            stage(2 * channels[i - 1], channels[i - 1] if i > 1 else channels[0] // 2)
-            for i in levels
+            stage(2 * channels[i - 1], channels[i - 1] if i > 1 else channels[0] // 2) for i in levels
         )
         out_channels = c["in_channels"] * (2 if c["learn_sigma"] else 1)
-        self.final = ConvNeXtBlock(
-            channels[0] // 2, out_channels, emb_dim, c["mult"], c["num_classes"] > 0
-        )
+        self.final = ConvNeXtBlock(channels[0] // 2, out_channels, emb_dim, c["mult"], c["num_classes"] > 0)
 
-    def forward(
-        self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
         """x [B, C, H, W] at step t [B] (1..T, not normalised); y [B] class ids, num_classes = null.
 
         y is ignored by an unconditional network and x_self_cond by one without self_condition.

@@ -85,9 +85,7 @@ class TimestepEmbedder(nn.Sequential):
             features = SinusoidalEmbedding(freq_dim)
         else:
             features = LearnedSinusoidalEmbedding(freq_dim, random=kind == "random_fourier", T=T)
-        super().__init__(
-            features, nn.Linear(features.out_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        super().__init__(features, nn.Linear(features.out_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
 class ClassEmbedding(nn.Module):
@@ -113,8 +111,10 @@ def network_input(config: dict, x: Tensor, x_self_cond: Tensor | None, name: str
     """Check the image size the network was built for, and append x_self_cond (zeros when None)
     as extra channels when it is self-conditioned."""
     size = config["image_size"]
-    require(tuple(x.shape[-2:]) == (size, size),
-            f"the {name} was built for {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}.")
+    require(
+        tuple(x.shape[-2:]) == (size, size),
+        f"the {name} was built for {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}.",
+    )
     if config["self_condition"]:
         x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond], dim=1)
     return x
@@ -131,9 +131,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.in_layers = nn.Sequential(
-            norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1)
-        )
+        self.in_layers = nn.Sequential(norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out))
         self.out_norm = norm(c_out, groups)
         self.out_layers = nn.Sequential(
@@ -214,6 +212,4 @@ class Upsample(nn.Sequential):
         if kind == "transposed":
             super().__init__(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
         else:
-            super().__init__(
-                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)
-            )
+            super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1))

@@ -55,9 +55,7 @@ def validate(c: dict) -> None:
     ):
         require(c[name] >= 1, f"{name} must be a positive integer, got {c[name]}.")
     mults, size, heads = c["channel_mults"], c["image_size"], c["num_heads"]
-    require(
-        len(mults) > 0 and min(mults) >= 1, f"channel_mults must be positive integers, got {mults}."
-    )
+    require(len(mults) > 0 and min(mults) >= 1, f"channel_mults must be positive integers, got {mults}.")
     require(
         c["num_classes"] >= 0,
         f"num_classes must be 0 (unconditional) or more, got {c['num_classes']}.",
@@ -156,9 +154,7 @@ class UNet(nn.Module):
         base, groups = c["base_channels"], c["groups"]
         self.emb_dim = 4 * base
         self.time_embed = TimestepEmbedder(base, self.emb_dim, c["time_embedding"], c["timesteps"])
-        self.class_embed = (
-            ClassEmbedding(c["num_classes"], self.emb_dim) if c["num_classes"] else None
-        )
+        self.class_embed = ClassEmbedding(c["num_classes"], self.emb_dim) if c["num_classes"] else None
         x_channels = c["in_channels"] * (2 if c["self_condition"] else 1)
         kernel = c["init_conv_kernel"]
         self.init_conv = nn.Conv2d(x_channels, base, kernel, padding=kernel // 2)
@@ -171,9 +167,7 @@ class UNet(nn.Module):
         )
         self.up = self._up_path(skip_channels)
         width = base * c["channel_mults"][0]
-        self.final_res_block = (
-            self._res_block(width + base, width) if c["final_res_block"] else None
-        )
+        self.final_res_block = self._res_block(width + base, width) if c["final_res_block"] else None
         out_channels = c["in_channels"] * (2 if c["learn_sigma"] else 1)
         self.out = nn.Sequential(
             norm(width, groups), nn.SiLU(), zero_init(nn.Conv2d(width, out_channels, 3, padding=1))
@@ -232,9 +226,7 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(y, len(t))
         return emb
 
-    def forward(
-        self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
         """x [B, C, H, W] at step t [B] (1..T, not normalised); y [B] class ids, num_classes = null.
 
         y is ignored by an unconditional network and x_self_cond by one without self_condition.

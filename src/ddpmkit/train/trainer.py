@@ -1,4 +1,5 @@
-"""Training: the loss of one batch, EMA, and a small Trainer loop (log, grid, checkpoint, resume).
+"""Training: EMA, the learning-rate schedule, the data order, and a small Trainer loop (log, grid,
+checkpoint, resume). The loss of a batch is `run.build.loss(config)`, a core.losses object.
 
 Determinism by construction: the data order of epoch e is a permutation seeded by (seed, e),
 and the noise and steps of optimizer step k come from a generator seeded by (seed, k) for the
@@ -15,19 +16,24 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
-from . import checkpoint, diffusion, distributed, viz
-from .config import RunConfig, model_kwargs
-from .data import FolderDataset, ImageData, to_model_range
-from .errors import DdpmkitError
-from .loader import Stream
-from .models import build_model
-from .precision import autocast, resolve_precision
-from .schedules import Schedule, build_schedule
+from ddpmkit import viz
+from ddpmkit.core.denoiser import Denoiser
+from ddpmkit.core.losses import Noise, draw_noise
+from ddpmkit.core.pixels import to_model_range
+from ddpmkit.core.precision import autocast, resolve_precision
+from ddpmkit.data import FolderDataset, ImageData
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.fileio import atomic_write_text
+from ddpmkit.progress import TrainingBar
+from ddpmkit.run import build, checkpoint
+from ddpmkit.run.config import RunConfig, SampleConfig
+from ddpmkit.run.sampling import default_labels, generate
+from ddpmkit.train import distributed
+from ddpmkit.train.stream import Stream
 
 
 @torch.no_grad()
@@ -49,13 +55,9 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
 
-def batch_noise(seed: int, step: int, shape, T: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_noise(seed: int, step: int, shape, T: int, device) -> Noise:
     """(t, eps, u) for the whole global batch of optimizer step `step`: identical on every rank."""
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-    t = diffusion.sample_t(shape[0], T, device, g)
-    eps = torch.randn(shape, generator=g, device=device)
-    u = torch.rand(shape[0], 2, generator=g, device=device)  # label dropout and self-conditioning coins
-    return t, eps, u
+    return draw_noise(shape, T, device, torch.Generator(device).manual_seed(seed * 1_000_003 + step))
 
 
 def batch_indices(seed: int, step: int, n_data: int, global_batch: int) -> torch.Tensor:
@@ -64,7 +66,7 @@ def batch_indices(seed: int, step: int, n_data: int, global_batch: int) -> torch
     if per_epoch == 0:
         raise DdpmkitError(f"the dataset has {n_data} images, fewer than one global batch of {global_batch}")
     epoch, k = divmod(step, per_epoch)
-    return _epoch_permutation(seed, epoch, n_data)[k * global_batch:(k + 1) * global_batch]
+    return _epoch_permutation(seed, epoch, n_data)[k * global_batch : (k + 1) * global_batch]
 
 
 @functools.lru_cache(maxsize=2)
@@ -73,39 +75,37 @@ def _epoch_permutation(seed: int, epoch: int, n_data: int) -> torch.Tensor:
     return torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
-def training_loss(net: nn.Module, schedule: Schedule, config: RunConfig, x0, y, t, eps, u) -> torch.Tensor:
-    """Per-example loss [B]: L_simple in the objective's space, min-SNR weighted unless gamma is None;
-    with learned variances, L_hybrid (unweighted)."""
-    d, objective = config.diffusion, config.diffusion.objective
-    if y is not None:  # label dropout: y -> null with probability p, for classifier-free guidance
-        y = torch.where(u[:, 0] < config.data.label_dropout, torch.full_like(y, config.num_classes), y)
-    x_t = diffusion.q_sample(schedule, x0, t, eps)  # x_t ~ q(x_t | x0)
-    x_self_cond = _self_condition(net, schedule, config, x_t, t, y, u) if config.model.self_condition else None
-    out = net(x_t, t, y, x_self_cond)
-    if d.learn_sigma:
-        from .likelihood import hybrid_loss
-        return hybrid_loss(schedule, objective, x0, x_t, t, eps, out)
-    loss = diffusion.loss_per_example(out, diffusion.target(objective, schedule, x0, t, eps))
-    if d.min_snr_gamma:
-        loss = loss * diffusion.min_snr_weight(objective, schedule, t, d.min_snr_gamma)
-    return loss
+def total_steps(config: RunConfig, n_data: int, world_size: int) -> int | None:
+    """The run's total optimizer steps from --steps and --epochs (the smaller); None: --minutes alone."""
+    t = config.train
+    if t.steps is None and t.epochs is None and t.minutes is None:
+        raise DdpmkitError("give a training budget: --steps N, --epochs N or --minutes N")
+    if t.epochs is None:
+        return t.steps
+    steps = t.epochs * n_data / (t.batch_size * t.grad_accum * world_size)
+    if not steps < 2**53:  # inf, or beyond what a float counts exactly
+        raise DdpmkitError(f"--epochs {t.epochs} is more optimizer steps than can be counted")
+    return min(math.ceil(steps), t.steps) if t.steps is not None else math.ceil(steps)
 
 
-def _self_condition(net, schedule, config, x_t, t, y, u):
-    """Chen et al. (Analog Bits): on half of the batches, first estimate x0 without gradient and
-    feed it back as input; zeros on the other half (the coin is shared by all ranks)."""
-    if bool(u[0, 1] >= 0.5):
-        return torch.zeros_like(x_t)
-    with torch.no_grad():
-        out = net(x_t, t, y, torch.zeros_like(x_t)).float()
-        if config.diffusion.learn_sigma:
-            out = out.chunk(2, dim=1)[0]
-        x0_hat, _ = diffusion.to_x0_eps(config.diffusion.objective, schedule, x_t, t, out)
-    return x0_hat.clamp(-1, 1).to(x_t.dtype)
-
-
-def build_net(config: RunConfig) -> nn.Module:
-    return build_model(config.model.arch, **model_kwargs(config))
+def write_grid(config: RunConfig, denoiser: Denoiser, path: Path, n: int = 100, device="cpu") -> None:
+    """The periodic training grid: one row per class with the run's sampling settings, seed 0."""
+    denoiser.eval()
+    classes = max(config.num_classes, 1)
+    n = max(n // classes, 1) * classes if config.data.conditional else 64
+    labels = default_labels(config, n, None)
+    settings = config.sample
+    if settings.guidance != 1.0 and config.data.label_dropout <= 0:  # no trained null class to guide with
+        settings = SampleConfig(**{**settings.__dict__, "guidance": 1.0})
+    images = generate(
+        denoiser,
+        n,
+        (config.in_channels, config.image_size, config.image_size),
+        labels=labels,
+        settings=settings,
+        device=device,
+    )
+    viz.save_grid(images, path, labels=labels, class_names=config.class_names)
 
 
 class Trainer:
@@ -116,25 +116,30 @@ class Trainer:
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         self.device = torch.device(device)
         self.dist = distributed.info()
-        self.schedule = build_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+        self.schedule = build.schedule(config)
         torch.manual_seed(config.train.seed)
-        self.model = build_net(config).to(self.device)
+        self.model = build.net(config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if config.train.grad_checkpointing:
             _enable_grad_checkpointing(self.model, config.model.arch)
         self.net = distributed.wrap(self.model, self.device)
         if config.train.compile:  # the training forward and backward; sampling runs the EMA copy eagerly
             self.net = torch.compile(self.net)
-        self.optimizer = _optimizer(self.model, config)
+        self.optimizer = build.optimizer(self.model, config)
+        self.loss = build.loss(config)
+        # the loss sees the (DDP-wrapped, compiled) training network through a Denoiser; no autocast of
+        # its own: train_step's autocast applies
+        self.denoiser = build.denoiser(config, self.net, self.schedule, precision="fp32")
         # fp16 needs loss scaling (its gradients underflow); bf16 and fp32 have fp32's exponent range
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=resolve_precision(config.train.precision, self.device) == "fp16")
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=resolve_precision(config.train.precision, self.device) == "fp16"
+        )
         self.stream = None if isinstance(data, ImageData) else self._stream(data)
         self.step, self.metrics, self.nan_skipped = 0, [], 0
         self._stop_signal, self._saved_step = None, None
 
     @property
-    def interrupted_by(self) -> Optional[int]:
+    def interrupted_by(self) -> int | None:
         """The signal (SIGINT or SIGTERM) that stopped fit() early, else None."""
         return self._stop_signal
 
@@ -146,8 +151,15 @@ class Trainer:
 
     def _stream(self, dataset: FolderDataset) -> Stream:
         t = self.config.train
-        return Stream(dataset, lambda step: batch_indices(t.seed, step, len(dataset), self.global_batch),
-                      t.batch_size, t.grad_accum, self.dist, self.config.data.workers, self.device.type == "cuda")
+        return Stream(
+            dataset,
+            lambda step: batch_indices(t.seed, step, len(dataset), self.global_batch),
+            t.batch_size,
+            t.grad_accum,
+            self.dist,
+            self.config.data.workers,
+            self.device.type == "cuda",
+        )
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -159,8 +171,9 @@ class Trainer:
         if ckpt is None:
             return
         state, train_state = checkpoint.load_state(ckpt)
-        _check_global_batch(state.get("global_batch", self.global_batch), self.global_batch, self.config,
-                            self.dist.world_size)
+        _check_global_batch(
+            state.get("global_batch", self.global_batch), self.global_batch, self.config, self.dist.world_size
+        )
         checkpoint.load_weights(self.model, ckpt / "model.safetensors")
         checkpoint.load_weights(self.ema, ckpt / "ema.safetensors")
         try:
@@ -169,8 +182,9 @@ class Trainer:
                 self.scaler.load_state_dict(train_state["scaler"])
             torch.set_rng_state(train_state["cpu_rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise DdpmkitError(f"{ckpt / 'train_state.pt'} does not hold this run's optimizer and RNG state "
-                               f"({type(e).__name__}: {e})") from e
+            raise DdpmkitError(
+                f"{ckpt / 'train_state.pt'} does not hold this run's optimizer and RNG state ({type(e).__name__}: {e})"
+            ) from e
         self.step, self.nan_skipped = state["step"], state.get("nan_skipped", 0)
         self._saved_step = self.step
         self.metrics = [m for m in _read_metrics(self.run_dir) if m["step"] <= self.step]
@@ -185,21 +199,30 @@ class Trainer:
             return
         if self.dist.rank == 0:
             self._write_metrics()
-            train_state = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
-                           "scaler": self.scaler.state_dict()}
-            checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.ema, train_state,
-                                       {"nan_skipped": self.nan_skipped, "global_batch": self.global_batch},
-                                       keep=self.config.train.keep)
+            train_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "cpu_rng": torch.get_rng_state(),
+                "scaler": self.scaler.state_dict(),
+            }
+            checkpoint.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.ema,
+                train_state,
+                {"nan_skipped": self.nan_skipped, "global_batch": self.global_batch},
+                keep=self.config.train.keep,
+            )
         self._saved_step = self.step
         distributed.barrier()
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def fit(self, total_steps: Optional[int], minutes: Optional[float] = None, progress: bool = True) -> int:
+    def fit(self, total_steps: int | None, minutes: float | None = None, progress: bool = True) -> int:
         """Train until `total_steps` (the run's total) or `minutes` of wall clock; returns the step."""
         cfg = self.config.train
         deadline = time.monotonic() + 60 * minutes if minutes else None
-        bar = viz.progress_bar(self.step, total_steps, minutes, enabled=progress and self.dist.rank == 0)
+        bar = TrainingBar(self.step, total_steps, minutes, enabled=progress and self.dist.rank == 0)
         loss_sum, t_log, n_log = torch.zeros((), device=self.device), time.monotonic(), 0
         with _signals(self):
             while not self._done(total_steps, deadline):
@@ -235,7 +258,7 @@ class Trainer:
         micro, accum = cfg.batch_size, cfg.grad_accum
         idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
         c, size = self.config.in_channels, self.config.image_size
-        t, eps, u = batch_noise(cfg.seed, self.step, (self.global_batch, c, size, size), self.schedule.T, self.device)
+        noise = batch_noise(cfg.seed, self.step, (self.global_batch, c, size, size), self.schedule.T, self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg.lr, cfg.warmup)
         total = torch.zeros((), device=self.device)
@@ -245,7 +268,7 @@ class Trainer:
             with distributed.no_sync(self.net, last=k == accum - 1), autocast(self.device, cfg.precision):
                 x0 = to_model_range(images.to(self.device, non_blocking=True))
                 y = labels.to(self.device) if self.config.data.conditional else None
-                loss = training_loss(self.net, self.schedule, self.config, x0, y, t[sl], eps[sl], u[sl]).mean()
+                loss = self.loss(self.denoiser, x0, y, Noise(*(z[sl] for z in noise))).mean()
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
         return self._optimizer_step(total)
@@ -269,8 +292,10 @@ class Trainer:
             if cfg.on_nan == "skip":
                 self.nan_skipped += 1
                 return torch.zeros((), device=self.device)
-            raise DdpmkitError(f"non-finite loss or gradient at step {self.step + 1}; the last checkpoint "
-                               "is intact (lower --lr, or pass --on-nan skip to skip such steps)")
+            raise DdpmkitError(
+                f"non-finite loss or gradient at step {self.step + 1}; the last checkpoint "
+                "is intact (lower --lr, or pass --on-nan skip to skip such steps)"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
@@ -292,8 +317,13 @@ class Trainer:
         loss_sum = distributed.mean(loss_sum, self.device)
         now = time.monotonic()
         images = n_log * self.config.train.batch_size * self.dist.world_size * self.config.train.grad_accum
-        row = {"step": self.step, "loss": float(loss_sum) / max(n_log, 1), "images_per_s": images / (now - t_log),
-               "lr": self.optimizer.param_groups[0]["lr"], "nan_skipped": self.nan_skipped}
+        row = {
+            "step": self.step,
+            "loss": float(loss_sum) / max(n_log, 1),
+            "images_per_s": images / (now - t_log),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "nan_skipped": self.nan_skipped,
+        }
         self.metrics.append(row)
         bar.update_to(self.step, row)
         return torch.zeros((), device=self.device), now, 0
@@ -301,20 +331,19 @@ class Trainer:
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
         try:
-            checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+            atomic_write_text(self.run_dir / "metrics.jsonl", lines)
             viz.loss_curve(self.metrics, self.run_dir / "loss.png")
         except OSError as e:
-            raise DdpmkitError(f"could not write the metrics in {self.run_dir}: {e.strerror or e}; "
-                               "the previous checkpoint is intact") from e
+            raise DdpmkitError(
+                f"could not write the metrics in {self.run_dir}: {e.strerror or e}; the previous checkpoint is intact"
+            ) from e
 
     def write_grid(self) -> None:
         if self.dist.rank != 0:
             return
-        from .sampling import denoiser_for, grid_for_run
         (self.run_dir / "samples").mkdir(exist_ok=True)
-        denoiser = denoiser_for(self.config, self.ema, self.schedule)
-        grid_for_run(self.config, denoiser, self.run_dir / "samples" / f"step-{self.step:08d}.png",
-                     device=self.device)
+        denoiser = build.denoiser(self.config, self.ema, self.schedule)
+        write_grid(self.config, denoiser, self.run_dir / "samples" / f"step-{self.step:08d}.png", device=self.device)
 
 
 def _enable_grad_checkpointing(model: nn.Module, arch: str) -> None:
@@ -328,21 +357,11 @@ def _check_global_batch(saved: int, now: int, config: RunConfig, world_size: int
     """A resumed run keeps its global batch (data order and loss scale depend on it)."""
     if saved != now:
         t = config.train
-        raise DdpmkitError(f"this run trained with a global batch of {saved} images per step, but {t.batch_size} "
-                           f"per process x {world_size} process(es) x --grad-accum {t.grad_accum} is {now}; "
-                           f"choose --batch-size and --grad-accum so that their product x {world_size} is {saved}")
-
-
-def _optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    cfg = config.train
-    classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
-    if cfg.optimizer not in classes:
-        raise DdpmkitError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or adam")
-    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    try:  # one fused kernel where this torch has it (CPU and CUDA since 2.4); bench/variants.py
-        return classes[cfg.optimizer](model.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # older torch, or a device without the fused kernel
-        return classes[cfg.optimizer](model.parameters(), foreach=True, **kwargs)
+        raise DdpmkitError(
+            f"this run trained with a global batch of {saved} images per step, but {t.batch_size} "
+            f"per process x {world_size} process(es) x --grad-accum {t.grad_accum} is {now}; "
+            f"choose --batch-size and --grad-accum so that their product x {world_size} is {saved}"
+        )
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:

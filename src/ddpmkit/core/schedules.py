@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DdpmkitError
+from ddpmkit.errors import DdpmkitError
 
 MAX_BETA = 0.999  # Nichol & Dhariwal clip beta_t at 0.999 to avoid a singularity at t = T
 
@@ -33,7 +33,7 @@ class Schedule:
         return self.beta.shape[0] - 1
 
     @staticmethod
-    def from_betas(beta_1_to_T: torch.Tensor, name: str = "custom") -> "Schedule":
+    def from_betas(beta_1_to_T: torch.Tensor, name: str = "custom") -> Schedule:
         beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta_1_to_T.double()])
         alpha = 1.0 - beta  # alpha_t = 1 - beta_t
         alpha_bar = torch.cumprod(alpha, 0)  # alpha_bar_t = prod_{s<=t} alpha_s

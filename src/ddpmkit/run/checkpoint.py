@@ -23,14 +23,13 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig
-from .errors import DdpmkitError
-from .fileio import atomic_write_text
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.fileio import atomic_write_text
+from ddpmkit.run.config import RunConfig
 
 FORMAT_VERSION = 1
 CKPT_PREFIX = "ckpt-"
@@ -54,8 +53,9 @@ def create_run(run_dir: Path, config: RunConfig) -> Path:
     # a create_run killed mid-write leaves only a temp file of config.json: still an empty directory
     if run_dir.exists() and any(not p.name.startswith(".config.json.") for p in run_dir.iterdir()):
         what = "a run" if is_run(run_dir) else "files"
-        raise DdpmkitError(f"{run_dir} already holds {what}; add --resume to continue it, "
-                           "or choose a new --out directory")
+        raise DdpmkitError(
+            f"{run_dir} already holds {what}; add --resume to continue it, or choose a new --out directory"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", config.to_json())
@@ -67,8 +67,9 @@ def create_run(run_dir: Path, config: RunConfig) -> Path:
 def load_config(run_dir: Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not is_run(run_dir):
-        raise DdpmkitError(f"{run_dir} is not a ddpmkit run directory (no config.json); "
-                           "train one with `ddpmkit train --out DIR`")
+        raise DdpmkitError(
+            f"{run_dir} is not a ddpmkit run directory (no config.json); train one with `ddpmkit train --out DIR`"
+        )
     try:
         return RunConfig.from_json((run_dir / "config.json").read_text())
     except (OSError, ValueError, TypeError, AttributeError) as e:
@@ -77,18 +78,28 @@ def load_config(run_dir: Path) -> RunConfig:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (incomplete ones never get their final name)."""
-    found = [p for p in Path(run_dir).glob(CKPT_PREFIX + "*")
-             if p.name[len(CKPT_PREFIX):].isdigit() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    found = [
+        p
+        for p in Path(run_dir).glob(CKPT_PREFIX + "*")
+        if p.name[len(CKPT_PREFIX) :].isdigit() and (p / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
-                    train_state: dict, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    train_state: dict,
+    state: dict,
+    keep: int = 2,
+) -> Path:
     """Write a complete checkpoint into a temp directory, then rename it into place.
 
     A crash at any moment leaves either the previous checkpoints or the new one, never a partial
@@ -112,8 +123,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise DdpmkitError(f"could not save a checkpoint in {run_dir}: {e.strerror or e}; "
-                               "the previous checkpoint is intact") from e
+            raise DdpmkitError(
+                f"could not save a checkpoint in {run_dir}: {e.strerror or e}; the previous checkpoint is intact"
+            ) from e
         raise
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         _remove_dir(old)
@@ -195,11 +207,19 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     missing, extra = [k for k in expected if k not in tensors], sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if missing or extra or wrong:
-        detail = "; ".join(filter(None, [
-            f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, model wants "
-            f"{tuple(expected[wrong[0]].shape)}" if wrong else "",
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"unexpected {', '.join(extra[:3])}" if extra else ""]))
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, model wants "
+                    f"{tuple(expected[wrong[0]].shape)}"
+                    if wrong
+                    else "",
+                    f"missing {', '.join(missing[:3])}" if missing else "",
+                    f"unexpected {', '.join(extra[:3])}" if extra else "",
+                ],
+            )
+        )
         raise DdpmkitError(f"weights {path} do not fit this architecture: {detail}")
     module.load_state_dict(tensors)
 
@@ -212,18 +232,21 @@ def load_state(ckpt: Path) -> tuple[dict, dict]:
         raise DdpmkitError(f"cannot read {ckpt / 'state.json'}: {_first_line(e)}") from e
     version = state.get("format") if isinstance(state, dict) else None
     if version != FORMAT_VERSION:
-        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads "
-                           f"format {FORMAT_VERSION}")
+        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads format {FORMAT_VERSION}")
     try:
         with warnings.catch_warnings():  # an odd pickle protocol warns on stderr before it is refused
             warnings.simplefilter("ignore")
             train_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DdpmkitError(f"refusing to load {ckpt / 'train_state.pt'}: it is not a plain tensor "
-                           f"file ({type(e).__name__}: {_first_line(e, 'GLOBAL')})") from e
+        raise DdpmkitError(
+            f"refusing to load {ckpt / 'train_state.pt'}: it is not a plain tensor "
+            f"file ({type(e).__name__}: {_first_line(e, 'GLOBAL')})"
+        ) from e
     if not isinstance(train_state, dict):
-        raise DdpmkitError(f"refusing to load {ckpt / 'train_state.pt'}: it holds a "
-                           f"{type(train_state).__name__}, not a dictionary of training state")
+        raise DdpmkitError(
+            f"refusing to load {ckpt / 'train_state.pt'}: it holds a "
+            f"{type(train_state).__name__}, not a dictionary of training state"
+        )
     return state, train_state
 
 

@@ -1,4 +1,4 @@
-"""The variational bound of Ho et al. 2020 (eq. 5) in bits per dimension, and L_hybrid.
+"""The variational bound of Ho et al. 2020 (eq. 5) in bits per dimension.
 
     -log p(x0) <= L_T + sum_{t>1} L_{t-1} + L_0
     L_T     = KL(q(x_T | x0) || N(0, I))                         (the prior term, no parameters)
@@ -20,17 +20,16 @@ Everything is in nats per example until `nll_bpd` divides by D ln 2.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
-from . import diffusion, viz
-from .data import to_model_range, to_uint8
-from .errors import DdpmkitError
-from .schedules import Schedule
+from ddpmkit.core import diffusion
+from ddpmkit.core.pixels import to_model_range, to_uint8
+from ddpmkit.core.schedules import Schedule
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.progress import maybe_tqdm
 
 BIN_HALF_WIDTH = 1.0 / 255  # 8-bit data in [-1, 1]: bins of width 2/255 around each level
-VLB_WEIGHT = 0.001  # lambda in L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, eq. 16)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -39,8 +38,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     = 1/2 (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^(-logvar2) - 1)
     """
     logvar1, logvar2 = torch.as_tensor(logvar1), torch.as_tensor(logvar2)
-    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
 
 def _log_normal_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -57,8 +55,11 @@ def _log_normal_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     above = a_fin > 0
     lo, hi = torch.where(above, -b_fin, a_fin), torch.where(above, -a_fin, b_fin)
     closed = log_ndtr(hi) + torch.log(-torch.expm1(log_ndtr(lo) - log_ndtr(hi)))
-    return torch.where(a_open, log_ndtr(torch.where(a_open, b, 0.0)),
-                       torch.where(b_open, log_ndtr(-torch.where(b_open, a, 0.0)), closed))
+    return torch.where(
+        a_open,
+        log_ndtr(torch.where(a_open, b, 0.0)),
+        torch.where(b_open, log_ndtr(-torch.where(b_open, a, 0.0)), closed),
+    )
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ def clipped_log_beta_tilde(schedule: Schedule) -> torch.Tensor:
     return beta_tilde.log()
 
 
-def p_log_variance(schedule: Schedule, t: torch.Tensor, var_frac: Optional[torch.Tensor], like: torch.Tensor):
+def p_log_variance(schedule: Schedule, t: torch.Tensor, var_frac: torch.Tensor | None, like: torch.Tensor):
     """log sigma_t^2 of p(x_{t-1} | x_t): beta_tilde_t, or v log beta_t + (1 - v) log beta_tilde_t."""
     log_bt = clipped_log_beta_tilde(schedule).to(t.device)[t].to(like.dtype).reshape(-1, *[1] * (like.ndim - 1))
     if var_frac is None:
@@ -127,23 +128,14 @@ def prior_bpd(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
     return prior_nats(schedule, x0) / (x0[0].numel() * math.log(2))
 
 
-# ---- training: L_hybrid -------------------------------------------------------------------------
+# ---- training: the L_vlb part of L_hybrid ------------------------------------------------------
 
 
-def hybrid_loss(schedule: Schedule, objective: str, x0, x_t, t, eps, out) -> torch.Tensor:
-    """L_hybrid = L_simple + lambda L_vlb per example [B] (Nichol & Dhariwal 2021, eq. 16).
-
-    `out` has 2C channels: the objective's prediction, then v in [-1, 1]. L_simple trains the first
-    half; L_vlb sees that half only through a stop-gradient, so it trains the variance alone.
-    L_vlb = sum_t L_t is estimated by T L_t at the sampled t, in bits per dimension, as improved-diffusion does.
-    """
-    out = out.float()
-    pred, v = out.chunk(2, dim=1)
-    l_simple = diffusion.loss_per_example(pred, diffusion.target(objective, schedule, x0, t, eps))
-    x0_hat, _ = diffusion.to_x0_eps(objective, schedule, x_t, t, pred.detach())  # stop-gradient on the mean
-    l_t = _terms(schedule, x0, x_t, t, x0_hat, (v + 1) / 2)
-    l_vlb_bpd = schedule.T * l_t / (x0[0].numel() * math.log(2))
-    return l_simple + VLB_WEIGHT * l_vlb_bpd.to(l_simple.dtype)
+def vlb_term_of_output(schedule: Schedule, x0, x_t, t, x0_hat, var_frac) -> torch.Tensor:
+    """T L_t per example [B] in bits per dimension: the one-sample estimate of L_vlb = sum_t L_t at the
+    sampled t that L_hybrid adds (the mean x0_hat should come through a stop-gradient)."""
+    l_t = _terms(schedule, x0, x_t, t, x0_hat, var_frac)
+    return schedule.T * l_t / (x0[0].numel() * math.log(2))
 
 
 # ---- evaluation: bits per dimension -------------------------------------------------------------
@@ -165,8 +157,16 @@ def as_grid_images(x0: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def nll_bpd(denoiser, x0: torch.Tensor, y: Optional[torch.Tensor] = None, *, stride: int = 1,
-            batch_size: int = 64, generator: Optional[torch.Generator] = None, progress: bool = False) -> dict:
+def nll_bpd(
+    denoiser,
+    x0: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    stride: int = 1,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> dict:
     """The variational bound on -log2 p(x0) per dimension, averaged over the images.
 
     stride 1 evaluates every term (one draw of x_t per image and t). stride k splits t = 2..T into
@@ -181,9 +181,9 @@ def nll_bpd(denoiser, x0: torch.Tensor, y: Optional[torch.Tensor] = None, *, str
     blocks = [(1, 1)] + kl_blocks(schedule.T, stride)
     dims_ln2 = x0[0].numel() * math.log(2)
     prior, decoder, kl, per_block = [], [], [], torch.zeros(len(blocks), dtype=torch.float64)
-    for start in viz.maybe_tqdm(range(0, len(x0), batch_size), progress, "bits/dim"):
-        xb = x0[start:start + batch_size].to(device)
-        yb = None if y is None else y[start:start + batch_size].to(device)
+    for start in maybe_tqdm(range(0, len(x0), batch_size), progress, "bits/dim"):
+        xb = x0[start : start + batch_size].to(device)
+        yb = None if y is None else y[start : start + batch_size].to(device)
         prior.append(prior_nats(schedule, xb).cpu())
         batch_kl = torch.zeros(len(xb), dtype=torch.float64)
         for i, (first, length) in enumerate(blocks):
@@ -196,8 +196,7 @@ def nll_bpd(denoiser, x0: torch.Tensor, y: Optional[torch.Tensor] = None, *, str
             else:
                 batch_kl += length * term
         kl.append(batch_kl)
-    return _summary(torch.cat(prior), torch.cat(decoder), torch.cat(kl), per_block / len(x0), blocks, dims_ln2,
-                    stride)
+    return _summary(torch.cat(prior), torch.cat(decoder), torch.cat(kl), per_block / len(x0), blocks, dims_ln2, stride)
 
 
 def _summary(prior, decoder, kl, per_block, blocks, dims_ln2, stride) -> dict:

@@ -1,4 +1,4 @@
-"""The forward process q, its posterior, the three parameterisations and the training loss.
+"""The forward process q, its posterior and the three parameterisations (eps, x0, v).
 
 Every function takes per-example steps t (long tensor [B], the paper's t in 1..T) and a
 `Schedule`; coefficients are gathered at t and broadcast over the image dimensions.
@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import DdpmkitError
-from .schedules import Schedule
+from ddpmkit.core.schedules import Schedule
+from ddpmkit.errors import DdpmkitError
 
 OBJECTIVES = ("eps", "x0", "v")
 
@@ -101,31 +101,7 @@ def to_x0_eps(objective: str, schedule: Schedule, x_t, t, out) -> tuple[torch.Te
     raise DdpmkitError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
-# ---- the simplified loss ---------------------------------------------------------------------
-
-
 def snr(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), per example [B]."""
     alpha_bar = schedule.alpha_bar.to(t.device)[t]
     return (alpha_bar / (1 - alpha_bar)).float()
-
-
-def min_snr_weight(objective: str, schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Hang et al. 2023: weight min(SNR, gamma) on the x0-error, expressed for each objective."""
-    ratio = snr(schedule, t)
-    clipped = ratio.clamp(max=gamma)
-    if objective == "eps":
-        return clipped / ratio  # ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2
-    if objective == "v":
-        return clipped / (ratio + 1)  # ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2
-    return clipped
-
-
-def sample_t(batch: int, T: int, device, generator=None) -> torch.Tensor:
-    """t ~ Uniform{1, ..., T}   (DDPM Algorithm 1, line 3)."""
-    return torch.randint(1, T + 1, (batch,), device=device, generator=generator)
-
-
-def loss_per_example(net_out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """|| target - net(x_t, t) ||^2 averaged over pixels: one value per example [B] (L_simple)."""
-    return (net_out.float() - tgt.float()).pow(2).flatten(1).mean(1)

@@ -12,13 +12,15 @@ tests). Randomness comes only from `generator`, so a seed fixes the result.
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from .denoiser import Denoiser
-from .errors import DdpmkitError
+from ddpmkit.core.denoiser import Denoiser
+from ddpmkit.errors import DdpmkitError
 
 
 class Step(NamedTuple):
@@ -48,7 +50,7 @@ def _pairs(timesteps):
     return [(i, steps[i], steps[i + 1]) for i in range(len(steps) - 1)]
 
 
-def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -73,8 +75,9 @@ def _abar(denoiser: Denoiser, t: int) -> float:
 
 
 @torch.inference_mode()
-def ddim(denoiser: Denoiser, x_T, timesteps, *, y=None, guidance=1.0, generator=None, callback=None,
-         eta: float = 0.0) -> torch.Tensor:
+def ddim(
+    denoiser: Denoiser, x_T, timesteps, *, y=None, guidance=1.0, generator=None, callback=None, eta: float = 0.0
+) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12); eta = 0 deterministic, eta = 1 matches DDPM's posterior noise.
 
     x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
@@ -94,8 +97,17 @@ def ddim(denoiser: Denoiser, x_T, timesteps, *, y=None, guidance=1.0, generator=
 
 
 @torch.inference_mode()
-def ddpm(denoiser: Denoiser, x_T, timesteps, *, y=None, guidance=1.0, generator=None, callback=None,
-         variance: str = "beta_tilde") -> torch.Tensor:
+def ddpm(
+    denoiser: Denoiser,
+    x_T,
+    timesteps,
+    *,
+    y=None,
+    guidance=1.0,
+    generator=None,
+    callback=None,
+    variance: str = "beta_tilde",
+) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) on any subsequence of steps.
 
     x_s = mu_tilde(x_t, x0_hat) + sigma z, with sigma^2 = beta_{t|s} ("beta", the upper bound),
@@ -125,14 +137,16 @@ def _ddpm_sigma(pred, beta_ts: float, beta_tilde_ts: float, variance: str):
 
 
 @torch.inference_mode()
-def dpm_solver_pp_2m(denoiser: Denoiser, x_T, timesteps, *, y=None, guidance=1.0, generator=None,
-                     callback=None) -> torch.Tensor:
+def dpm_solver_pp_2m(
+    denoiser: Denoiser, x_T, timesteps, *, y=None, guidance=1.0, generator=None, callback=None
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, data prediction.
 
     With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma), h = lambda_s - lambda_t:
     x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D,
     D = x0_hat on the first step and on the last step before t = 0 (where h is largest and the
-    extrapolation would overshoot; "lower order final" in the paper's code), else D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev, r = h_prev / h.
+    extrapolation would overshoot; "lower order final" in the paper's code),
+    else D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev, r = h_prev / h.
     """
     run, x = _Runner(denoiser, y, guidance, callback), x_T
     x0_prev, h_prev, last = None, None, timesteps[-1]
@@ -155,7 +169,16 @@ def dpm_solver_pp_2m(denoiser: Denoiser, x_T, timesteps, *, y=None, guidance=1.0
 SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpm_solver_pp_2m}
 
 
+COMMON_OPTIONS = ("y", "guidance", "generator", "callback")  # every sampler's keyword arguments
+
+
 def get_sampler(name: str) -> Callable:
     if name not in SAMPLERS:
         raise DdpmkitError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def sampler_options(name: str) -> list[str]:
+    """The keyword options of sampler `name` beyond the common signature (e.g. ["eta"] for ddim)."""
+    parameters = inspect.signature(get_sampler(name)).parameters.values()
+    return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in COMMON_OPTIONS]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpmkit.fileio import atomic_write
 from ddpmkit.errors import DdpmkitError
+from ddpmkit.fileio import atomic_write
 
 # IDX dtype code -> big-endian numpy dtype, as in LeCun's description of the format.
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -99,8 +99,10 @@ def _parse_header(data: bytes, name: str) -> tuple[np.dtype, tuple[int, ...]]:
         raise DdpmkitError(f"{name} is not an IDX file (bad magic number {data[:4].hex() or 'empty'}).")
     code, ndim = data[2], data[3]
     if code not in IDX_DTYPES:
-        raise DdpmkitError(f"{name} has unknown IDX dtype code 0x{code:02x}; expected one of "
-                           f"{', '.join(f'0x{c:02x}' for c in IDX_DTYPES)}.")
+        raise DdpmkitError(
+            f"{name} has unknown IDX dtype code 0x{code:02x}; expected one of "
+            f"{', '.join(f'0x{c:02x}' for c in IDX_DTYPES)}."
+        )
     if ndim == 0:
         raise DdpmkitError(f"{name} declares 0 dimensions; an IDX file needs at least one.")
     if len(data) < 4 + 4 * ndim:

@@ -14,22 +14,30 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
-from . import viz
-from .data import ImageData, load_dataset, to_model_range, to_uint8
-from .download import cache_dir
-from .errors import DdpmkitError
-from .evaluate import feature_stats, frechet_distance, precision_recall
-from .fileio import atomic_write, atomic_write_text
+from ddpmkit.core.pixels import to_model_range, to_uint8
+from ddpmkit.data import ImageData, load_dataset
+from ddpmkit.data.download import cache_dir
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.eval.metrics import feature_stats, frechet_distance, precision_recall
+from ddpmkit.fileio import atomic_write, atomic_write_text
+from ddpmkit.progress import maybe_tqdm
 
-RECIPE = {"version": 2, "widths": (16, 32, 64), "features": 128, "epochs": 2, "min_steps": 100,
-          "batch_size": 128, "lr": 2e-3, "seed": 0}
+RECIPE = {
+    "version": 2,
+    "widths": (16, 32, 64),
+    "features": 128,
+    "epochs": 2,
+    "min_steps": 100,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "seed": 0,
+}
 MAX_REFERENCE = 10_000  # test images whose features are kept as the reference set
 
 
@@ -44,8 +52,15 @@ class DomainClassifier(nn.Module):
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
 
         self.body = nn.Sequential(
-            *conv(channels, w1), nn.MaxPool2d(2), *conv(w1, w2), nn.MaxPool2d(2), *conv(w2, w3),
-            nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(49 * w3, features), nn.ReLU(),
+            *conv(channels, w1),
+            nn.MaxPool2d(2),
+            *conv(w1, w2),
+            nn.MaxPool2d(2),
+            *conv(w2, w3),
+            nn.AdaptiveAvgPool2d(7),
+            nn.Flatten(),
+            nn.Linear(49 * w3, features),
+            nn.ReLU(),
         )
         self.head = nn.Linear(features, num_classes)
 
@@ -78,7 +93,7 @@ def train_classifier(data: ImageData, progress: bool = True) -> DomainClassifier
     steps = max(math.ceil(r["epochs"] * per_epoch), r["min_steps"])
     order = torch.empty(0, dtype=torch.long)
     net.train()
-    for _ in viz.maybe_tqdm(range(steps), progress, "domain classifier"):
+    for _ in maybe_tqdm(range(steps), progress, "domain classifier"):
         if len(order) < batch:
             order = torch.randperm(len(data), generator=g)
         idx, order = order[:batch], order[batch:]
@@ -97,7 +112,7 @@ def classify(net: DomainClassifier, images: torch.Tensor, batch_size: int = 512,
     images = images if images.dtype == torch.uint8 else to_uint8(images)
     feats, logits = [], []
     for start in range(0, len(images), batch_size):
-        h, out = net(to_model_range(images[start:start + batch_size].to(device)))
+        h, out = net(to_model_range(images[start : start + batch_size].to(device)))
         feats.append(h.double().cpu())
         logits.append(out.float().cpu())
     if not feats:
@@ -114,16 +129,19 @@ class DomainMetrics:
         self.reference, self.ref_mu, self.ref_sigma = reference["features"], reference["mu"], reference["sigma"]
 
     @staticmethod
-    def for_dataset(name: str, data_dir=None, image_size: Optional[int] = None, device="cpu",
-                    progress: bool = True) -> "DomainMetrics":
+    def for_dataset(
+        name: str, data_dir=None, image_size: int | None = None, device="cpu", progress: bool = True
+    ) -> DomainMetrics:
         """Load the cached classifier of this dataset, or train it once (and cache it)."""
         train = load_dataset(name, "train", data_dir, image_size, progress=progress)
         test = load_dataset(name, "test", data_dir, image_size, progress=progress)
         if train.info.num_classes < 2 or bool((train.labels < 0).any()) or bool((test.labels < 0).any()):
             raise DdpmkitError(f"domain metrics need class labels, and dataset {name} has none")
         stem = cache_dir() / "classifiers" / f"{train.info.name}-{fingerprint(train, test)}"
-        paths = {k: stem.with_name(stem.name + suffix) for k, suffix in
-                 (("weights", ".safetensors"), ("info", ".json"), ("reference", "-reference.safetensors"))}
+        paths = {
+            k: stem.with_name(stem.name + suffix)
+            for k, suffix in (("weights", ".safetensors"), ("info", ".json"), ("reference", "-reference.safetensors"))
+        }
         net = DomainClassifier(train.info.channels, train.info.num_classes)
         if all(p.is_file() for p in paths.values()):
             net.load_state_dict(load_file(paths["weights"]))
@@ -131,7 +149,7 @@ class DomainMetrics:
             return DomainMetrics(net, load_file(paths["reference"]), info, device)
         return _train_and_cache(train, test, paths, progress, device)
 
-    def score(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict:
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         """Metrics of images (floats in [-1, 1] or uint8); labels: the class each was drawn for."""
         feats, logits = classify(self.net, images, device=self.device)
         pred = logits.argmax(1)
@@ -161,9 +179,16 @@ def _train_and_cache(train: ImageData, test: ImageData, paths: dict, progress: b
     accuracy = (logits.argmax(1) == test.labels).double().mean().item()
     keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:MAX_REFERENCE]
     reference = feats[keep.sort().values]
-    info = {"dataset": train.info.name, "test_accuracy": accuracy, "train_seconds": round(seconds, 1),
-            "train_images": len(train), "test_images": len(test), "reference_images": len(reference),
-            "recipe": RECIPE, "weights": str(paths["weights"])}
+    info = {
+        "dataset": train.info.name,
+        "test_accuracy": accuracy,
+        "train_seconds": round(seconds, 1),
+        "train_images": len(train),
+        "test_images": len(test),
+        "reference_images": len(reference),
+        "recipe": RECIPE,
+        "weights": str(paths["weights"]),
+    }
     paths["weights"].parent.mkdir(parents=True, exist_ok=True)
     mu, sigma = feature_stats(reference)
     _save_safetensors(net.state_dict(), paths["weights"])

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
-from . import data, distributed
-from .config import RunConfig
-from .data import FolderDataset, ImageData, open_folder_dataset
-from .errors import DdpmkitError
+from ddpmkit.data import FolderDataset, ImageData, load_dataset, open_folder_dataset
+from ddpmkit.data.folder import fits_in_memory
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.run.config import RunConfig
+from ddpmkit.train import distributed
 
 
 def training_data(config: RunConfig) -> ImageData | FolderDataset:
@@ -26,13 +27,13 @@ def training_data(config: RunConfig) -> ImageData | FolderDataset:
     if d.stream:
         return open_folder_dataset(d.data_dir, d.image_size)
     try:
-        return data.load_dataset(d.dataset, "train", data_dir=d.data_dir, image_size=d.image_size)
+        return load_dataset(d.dataset, "train", data_dir=d.data_dir, image_size=d.image_size)
     except DdpmkitError as error:
         if d.dataset != "folder":
             raise
         refused = error
     folder = open_folder_dataset(d.data_dir, d.image_size)
-    if len(folder) * folder.info.channels * folder.info.image_size ** 2 <= data.IN_MEMORY_MAX_BYTES:
+    if fits_in_memory(folder):
         raise refused  # not the memory limit: a problem with the folder itself
     if distributed.info().rank == 0:
         print(f"streaming {len(folder)} images from {d.data_dir}: they would not fit in memory", file=sys.stderr)
@@ -46,10 +47,23 @@ class Stream:
     hands the DataLoader this rank's slices of it, step after step, from the step asked for.
     """
 
-    def __init__(self, dataset: FolderDataset, global_indices: Callable[[int], torch.Tensor], micro: int,
-                 accum: int, world: distributed.DistInfo, workers: Optional[int] = None, pin_memory=False):
+    def __init__(
+        self,
+        dataset: FolderDataset,
+        global_indices: Callable[[int], torch.Tensor],
+        micro: int,
+        accum: int,
+        world: distributed.DistInfo,
+        workers: int | None = None,
+        pin_memory=False,
+    ):
         self.dataset, self.global_indices, self.micro, self.accum, self.world = (
-            dataset, global_indices, micro, accum, world)
+            dataset,
+            global_indices,
+            micro,
+            accum,
+            world,
+        )
         self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self.pin_memory = pin_memory
         self.iterator, self.position = None, None
@@ -67,8 +81,11 @@ class Stream:
     def _start(self, step: int) -> None:
         self.close()
         sampler = distributed.RankBatchSampler(self.global_indices, self.micro, self.accum, step, self.world)
-        self.iterator = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
-                                                         num_workers=self.workers, pin_memory=self.pin_memory))
+        self.iterator = iter(
+            torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, num_workers=self.workers, pin_memory=self.pin_memory
+            )
+        )
 
     def close(self) -> None:
         """Let go of the iterator, which stops its worker processes (a later batch() starts new ones)."""

@@ -10,7 +10,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(precision: str, device) -> str:
-    """"auto" is bf16 where the hardware computes it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs)."""
+    """ "auto" is bf16 where the hardware computes it natively (AVX-512 BF16/AMX CPUs, Ampere+ GPUs)."""
     if precision != "auto":
         return precision
     device = torch.device(device)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import DdpmkitError
+from ddpmkit.errors import DdpmkitError
 
 T = TypeVar("T")
 
@@ -89,8 +90,9 @@ class RankBatchSampler(torch.utils.data.Sampler):
     the rank takes the same slices as the in-memory path, so both see identical examples.
     """
 
-    def __init__(self, global_indices: Callable[[int], torch.Tensor], micro: int, accum: int,
-                 start_step: int, world: DistInfo):
+    def __init__(
+        self, global_indices: Callable[[int], torch.Tensor], micro: int, accum: int, start_step: int, world: DistInfo
+    ):
         self.global_indices, self.micro, self.accum = global_indices, micro, accum
         self.start_step, self.world = start_step, world
 
@@ -161,8 +163,16 @@ def rank_zero_first(fn: Callable[[], T], device) -> T:
 
 def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
     """`python -m torch.distributed.run --standalone --nproc_per_node N -m ddpmkit ARGS` (one machine)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "ddpmkit", *module_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ddpmkit",
+        *module_args,
+    ]
 
 
 def without_option(argv: list[str], option: str) -> list[str]:

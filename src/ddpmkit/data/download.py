@@ -70,17 +70,25 @@ def find_dataset_files(
         roots = [Path(data_dir), Path(data_dir) / name]
         if found := next(filter(None, (_find_in(root, required) for root in roots)), None):
             return found
-        raise DdpmkitError(f"{name} files not found in data_dir: looked in {' and '.join(map(str, roots))} for "
-                           f"{wanted}; put them there, or leave data_dir unset to use the cache or a download.")
+        raise DdpmkitError(
+            f"{name} files not found in data_dir: looked in {' and '.join(map(str, roots))} for "
+            f"{wanted}; put them there, or leave data_dir unset to use the cache or a download."
+        )
     env = os.environ.get(DATA_DIR_ENV)
     roots = ([Path(env), Path(env) / name] if env else []) + [Path(debian_root) / name, cache_dir() / name]
     if found := next(filter(None, (_find_in(root, required) for root in roots)), None):
         return found
     if mirrors is None:
-        raise DdpmkitError(f"{name} files not found (looked in {', '.join(map(str, roots))} for {wanted}); "
-                           "allow downloading or put the files in one of those directories.")
-    return [download([base + names[0] for base in mirrors], cache_dir() / name / names[0], sha256[names[0]],
-                     progress=progress) for names in required]
+        raise DdpmkitError(
+            f"{name} files not found (looked in {', '.join(map(str, roots))} for {wanted}); "
+            "allow downloading or put the files in one of those directories."
+        )
+    return [
+        download(
+            [base + names[0] for base in mirrors], cache_dir() / name / names[0], sha256[names[0]], progress=progress
+        )
+        for names in required
+    ]
 
 
 def _find_in(root: Path, required: Sequence[Sequence[str]]) -> list[Path] | None:
@@ -123,8 +131,9 @@ def download(
             os.replace(part, dest)
             return dest
     except OSError as error:  # network errors are _MirrorFailed by now, so this is the local disk
-        raise DdpmkitError(f"Could not write {part}: {error}; check that the directory is writable and has space.") \
-            from error
+        raise DdpmkitError(
+            f"Could not write {part}: {error}; check that the directory is writable and has space."
+        ) from error
     tried = "; ".join(reasons) if reasons else "no mirrors were given"
     raise DdpmkitError(
         f"Could not download {dest.name}: {tried}. Check your internet connection, "
@@ -197,10 +206,19 @@ def _copy(response, part: Path, offset: int, total: int | None, progress: bool) 
     """Append the response body to ``part`` (truncating it first when ``offset`` is 0) with a progress bar."""
     received = offset
     name = part.name.removesuffix(".part")
-    with open(part, "ab" if offset else "wb") as out, tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=name, disable=not progress, leave=False,
-    ) as bar:
+    with (
+        open(part, "ab" if offset else "wb") as out,
+        tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=name,
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
         while True:
             try:
                 block = response.read(CHUNK_SIZE)

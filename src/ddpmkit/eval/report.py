@@ -1,0 +1,188 @@
+"""`ddpmkit eval`: one report per evaluation (samples of a run, or real images), and its table."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import torch
+
+from ddpmkit import __version__
+from ddpmkit.core.likelihood import nll_bpd
+from ddpmkit.core.pixels import to_model_range
+from ddpmkit.data import load_dataset
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.eval.domain import DomainMetrics
+from ddpmkit.eval.inception import INCEPTION_ON_CPU, InceptionMetrics, InceptionUnavailable
+from ddpmkit.eval.metrics import gaussian_blur
+from ddpmkit.run import checkpoint
+from ddpmkit.run.load import load_denoiser
+from ddpmkit.run.sampling import check_guidance, generate
+
+# ---- `ddpmkit eval`: one report per evaluation -------------------------------------------------
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    n: int,
+    settings,
+    seed: int = 0,
+    batch_size: int = 256,
+    nll_n: int = 0,
+    nll_stride: int = 10,
+    inception: str = "auto",
+    inception_weights_path=None,
+    device="cpu",
+    which: str = "ema",
+    progress: bool = True,
+) -> dict:
+    """Draw n samples from a run (classes balanced), score them, and estimate bits/dim on nll_n test images."""
+    config, denoiser = load_denoiser(run_dir, device, which)
+    check_guidance(config, settings.guidance)
+    labels = torch.arange(n) % config.num_classes if config.data.conditional else None
+    shape = (config.in_channels, config.image_size, config.image_size)
+    images = generate(
+        denoiser,
+        n,
+        shape,
+        labels=labels,
+        settings=settings,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    data = {"name": config.data.dataset, "data_dir": config.data.data_dir, "image_size": config.data.image_size}
+    results = score_images(images, labels, data, inception, inception_weights_path, device, progress)
+    if nll_n > 0:
+        test = load_dataset(data["name"], "test", data["data_dir"], data["image_size"], progress=progress)
+        pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:nll_n]
+        denoiser.precision = "fp32"  # the bound is sensitive to small errors in eps_hat at small t
+        results["nll"] = nll_bpd(
+            denoiser,
+            test.images[pick],
+            test.labels[pick] if config.data.conditional else None,
+            stride=nll_stride,
+            batch_size=batch_size,
+            generator=torch.Generator().manual_seed(seed),
+            progress=progress,
+        )
+        results["nll"]["conditional"] = bool(config.data.conditional)
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    return {
+        "kind": "run",
+        "run_dir": str(Path(run_dir).resolve()),
+        "checkpoint": ckpt.name,
+        "weights": which,
+        "dataset": data,
+        "n": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        "device": str(device),
+        "sampling": dict(settings.__dict__),
+        "nll_n": nll_n,
+        "nll_stride": nll_stride,
+        "results": results,
+    }
+
+
+def evaluate_reference(
+    dataset: str,
+    *,
+    n: int,
+    data_dir=None,
+    image_size: int | None = None,
+    blur: float = 0.0,
+    seed: int = 0,
+    inception: str = "auto",
+    inception_weights_path=None,
+    device="cpu",
+    progress: bool = True,
+) -> dict:
+    """The same metrics for n real TRAIN images (optionally blurred), scored against the TEST set:
+    a held-out floor for each metric at this n, and what a given degradation costs."""
+    train = load_dataset(dataset, "train", data_dir, image_size, progress=progress)
+    if n > len(train):
+        raise DdpmkitError(f"--n {n} exceeds the {len(train)} training images of {dataset}")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    images = gaussian_blur(to_model_range(train.images[pick]), blur)
+    labels = train.labels[pick] if bool((train.labels[pick] >= 0).all()) else None
+    data = {"name": dataset, "data_dir": data_dir, "image_size": image_size}
+    results = score_images(images, labels, data, inception, inception_weights_path, device, progress)
+    return {
+        "kind": "reference",
+        "dataset": data,
+        "split": "train",
+        "blur_sigma": blur,
+        "n": n,
+        "seed": seed,
+        "device": str(device),
+        "results": results,
+    }
+
+
+def score_images(images, labels, data: dict, inception: str, weights, device, progress) -> dict:
+    """Domain metrics, plus Inception's when asked for (inception "on", or "auto" on a GPU) and
+    available; a skipped group gets one line on stderr saying why and how to get it."""
+    results = {}
+    try:
+        domain = DomainMetrics.for_dataset(data["name"], data["data_dir"], data["image_size"], device, progress)
+        results["domain"] = domain.score(images, labels)
+        results["classifier"] = domain.info
+    except DdpmkitError as why:  # e.g. a folder dataset without classes
+        print(f"domain metrics skipped: {why}", file=sys.stderr)
+        results["domain"] = {"skipped": str(why)}
+    if inception == "off":
+        return results
+    try:
+        if inception == "auto" and not str(device).startswith("cuda"):
+            raise InceptionUnavailable(INCEPTION_ON_CPU)
+        metrics = InceptionMetrics.for_dataset(
+            data["name"], data["data_dir"], data["image_size"], weights, device, progress=progress
+        )
+        results["inception"] = metrics.score(images, progress)
+    except InceptionUnavailable as why:
+        print(str(why), file=sys.stderr)
+        results["inception"] = {"skipped": str(why)}
+    return results
+
+
+def provenance(argv, inception_weights_path, seconds: float) -> dict:
+    """What a report needs to be reproduced: the command, the time, the software versions."""
+    return {
+        "command": ["ddpmkit", *argv],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inception_weights": None if inception_weights_path is None else str(inception_weights_path),
+        "seconds": round(seconds, 1),
+        "versions": {
+            "ddpmkit": __version__,
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def metrics_table(report: dict) -> str:
+    """The headline numbers as a two-column table."""
+    r, rows = report["results"], []
+    for group in ("domain", "inception"):
+        values = r.get(group, {})
+        rows += [(group, "skipped")] if "skipped" in values else [(f"{group} {k}", v) for k, v in values.items()]
+    rows += [
+        (f"nll {k}", r["nll"][k]) for k in ("bpd", "bpd_sem", "prior_bpd", "decoder_bpd", "kl_bpd", "n") if "nll" in r
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
+    lines += [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,83 @@
+"""From a denoiser to images: labels, guidance checks, and batches drawn with any sampler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ddpmkit.core.denoiser import Denoiser
+from ddpmkit.core.samplers import get_sampler
+from ddpmkit.core.schedules import timesteps
+from ddpmkit.errors import DdpmkitError
+from ddpmkit.progress import maybe_tqdm
+from ddpmkit.run.config import RunConfig, SampleConfig, check_sample, sampler_kwargs
+
+
+def check_guidance(config: RunConfig, guidance: float) -> None:
+    """Guidance other than 1 needs a conditional model trained with label dropout."""
+    if guidance == 1.0:
+        return
+    if not config.data.conditional:
+        raise DdpmkitError("--guidance needs a class-conditional model; this run was trained --unconditional")
+    if config.data.label_dropout <= 0:
+        raise DdpmkitError(
+            "--guidance needs a model trained with label dropout (the null class was "
+            "never trained); retrain with --label-dropout 0.1"
+        )
+
+
+def default_labels(config: RunConfig, n: int, class_id: int | None) -> torch.Tensor | None:
+    """A given class for all n, or the classes in turn (one row each); None when unconditional."""
+    if not config.data.conditional:
+        if class_id is not None:
+            raise DdpmkitError("--class needs a class-conditional model; this run was trained --unconditional")
+        return None
+    if class_id is not None:
+        if not 0 <= class_id < config.num_classes:
+            raise DdpmkitError(f"class {class_id} is out of range: this model has classes 0..{config.num_classes - 1}")
+        return torch.full((n,), class_id, dtype=torch.long)
+    per_row = math.ceil(n / config.num_classes)
+    return torch.arange(n) // per_row
+
+
+def generate(
+    denoiser: Denoiser,
+    n: int,
+    shape: tuple,
+    *,
+    labels=None,
+    settings: SampleConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device="cpu",
+    callback: Callable | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """n images in [-1, 1] of `shape` (C, H, W). x_T comes from `seed` alone, whatever the batching.
+
+    settings: the sampler, its steps and options (default: SampleConfig()'s)."""
+    settings = settings or SampleConfig()
+    check_sample(settings, denoiser.schedule.T)
+    denoiser.precision = settings.precision
+    sampler, options = get_sampler(settings.sampler), sampler_kwargs(settings)
+    steps = timesteps(denoiser.schedule.T, settings.steps, settings.spacing)
+    x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for b, start in enumerate(maybe_tqdm(range(0, n, batch_size), progress, "sampling")):
+        sl = slice(start, min(n, start + batch_size))
+        y = labels[sl].to(device) if labels is not None else None
+        g = torch.Generator(device).manual_seed(seed * 1_000_003 + b + 1)
+        x0 = sampler(
+            denoiser,
+            x_T[sl].to(device),
+            steps,
+            y=y,
+            guidance=settings.guidance,
+            generator=g,
+            callback=callback,
+            **options,
+        )
+        out.append(x0.float().cpu())
+    return torch.cat(out)

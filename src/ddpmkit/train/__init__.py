@@ -1,0 +1,10 @@
+"""Training: the Trainer loop, DistributedDataParallel helpers, streaming data.
+
+trainer      EMA, learning-rate schedule, data order, the Trainer (log, grid, checkpoint, resume)
+distributed  torchrun / DDP helpers only
+stream       the training data in memory, or a folder streamed by DataLoader workers
+"""
+
+from ddpmkit.train.trainer import Trainer
+
+__all__ = ["Trainer"]
