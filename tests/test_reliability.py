@@ -569,9 +569,9 @@ def test_a_crafted_train_state_is_refused_on_resume_and_runs_nothing(trained, ca
         "tensor file (UnpicklingError: ",
     )
     assert "posix.system" in err and not marker.exists() and snapshot(run) == before
-    assert main(["sample", str(run), "--n", "2", "--out", str(tmp_path / "s.png")]) == 2
-    one_line(capsys, "ddpmkit sample: error: refusing to load ")
-    assert not marker.exists() and not (tmp_path / "s.png").exists()
+    # sampling needs no optimizer state: `sample` never opens train_state.pt, so the payload cannot run there either
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert not marker.exists() and (tmp_path / "s.png").exists()
 
 
 def test_train_state_without_the_optimizer_is_a_clear_error_on_resume(trained, capsys):
@@ -616,7 +616,8 @@ def test_a_config_edited_to_another_width_names_the_first_mismatching_tensor(tra
     )
     saved, wanted = load_file(str(ckpt / "ema.safetensors")), build.net(checkpoint.load_config(run)).state_dict()
     first = next(k for k, v in wanted.items() if v.shape != saved[k].shape)  # in the model's own order
-    assert err.endswith(f"shape of {first} is {tuple(saved[first].shape)}, model wants {tuple(wanted[first].shape)}\n")
+    shapes = f"shape of {first} is {tuple(saved[first].shape)}, model wants {tuple(wanted[first].shape)}"
+    assert err.endswith(f"{shapes} (the config describes 200,033 numbers, the file holds 50,993)\n")
     assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--no-progress"]) == 2
     one_line(capsys, f"ddpmkit train: error: weights {ckpt / 'model.safetensors'} do not fit this architecture")
 

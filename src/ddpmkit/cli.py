@@ -294,6 +294,7 @@ def _given(args) -> dict:
 
 
 def cmd_train(args) -> int:
+    from ddpmkit.run import load
     from ddpmkit.train import distributed
     from ddpmkit.train.stream import training_data
     from ddpmkit.train.trainer import Trainer, total_steps
@@ -309,6 +310,8 @@ def cmd_train(args) -> int:
         config = apply_overrides(RunConfig(preset=args.preset), PRESETS.get(args.preset, {}))
         config = apply_overrides(config, given)
     validate(config)
+    if args.resume:  # a run directory may come from someone else: its checkpoint is checked before anything is built
+        load.check_resume(run_dir, config)
     requested = _device(args.device)
     dist = distributed.setup(cuda=requested.startswith("cuda"))
     try:

@@ -40,10 +40,17 @@ class SinusoidalEmbedding(nn.Module):
     def __init__(self, dim: int, max_period: float = 10000.0):
         super().__init__()
         require(dim >= 2 and dim % 2 == 0, f"a sinusoidal embedding needs an even dim, got {dim}.")
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half) / half)  # w_i = P^(-i/half)
-        self.register_buffer("freqs", freqs, persistent=False)
-        self.out_dim = dim
+        self.out_dim, self.max_period = dim, max_period
+        self.register_buffer("freqs", self._frequencies(), persistent=False)
+
+    def _frequencies(self) -> Tensor:
+        half = self.out_dim // 2
+        return torch.exp(-math.log(self.max_period) * torch.arange(half) / half)  # w_i = P^(-i/half)
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (on the default device): no weights file holds them, so a
+        network built on the meta device and given its weights gets them here."""
+        self.freqs = self._frequencies()
 
     def forward(self, t: Tensor) -> Tensor:
         angles = t[:, None].to(self.freqs.dtype) * self.freqs  # [B, half]: t * w_i

@@ -11,25 +11,31 @@
     RUN/.tmp-ckpt-*/                  a checkpoint being written or deleted; never read, and
                                       removed by tidy() when a killed run is resumed
 
-Weights are only ever read through safetensors and configs as JSON; the optimizer state goes
-through `torch.load(weights_only=True)`, which refuses pickled code.
+A run directory may come from someone else, so everything in it is read as untrusted input:
+weights only through safetensors, their header checked first (run.weights); config.json and
+state.json as bounded JSON, every field typed and within its limits (run.config); the optimizer
+state through `torch.load(weights_only=True)`, which refuses pickled code, once its archive is
+known to expand to no more than its size on disk.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.fileio import atomic_write_text
-from ddpmkit.run.config import RunConfig
+from ddpmkit.run import weights
+from ddpmkit.run.config import RunConfig, from_dict, validate
 
 FORMAT_VERSION = 1
 CKPT_PREFIX = "ckpt-"
@@ -65,15 +71,72 @@ def create_run(run_dir: Path, config: RunConfig) -> Path:
 
 
 def load_config(run_dir: Path) -> RunConfig:
+    """The run's config.json, read as untrusted input: bounded JSON (read_json), typed fields and
+    every limit of run.config.validate checked, before anything is built from it."""
     run_dir = Path(run_dir)
     if not is_run(run_dir):
         raise DdpmkitError(
             f"{run_dir} is not a ddpmkit run directory (no config.json); train one with `ddpmkit train --out DIR`"
         )
+    path = run_dir / "config.json"
+    refusal = f"{path} is not a valid ddpmkit config"
+    data = read_json(path, refusal)
     try:
-        return RunConfig.from_json((run_dir / "config.json").read_text())
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise DdpmkitError(f"{run_dir / 'config.json'} is not a valid ddpmkit config: {e}") from e
+        config = from_dict(RunConfig, data)
+        validate(config)
+    except DdpmkitError as e:
+        raise DdpmkitError(f"{refusal}: {e}") from None
+    return config
+
+
+# ---- small JSON files, read within bounds ----------------------------------------------------------
+
+MAX_JSON_BYTES = 1 << 20  # config.json is ~2 KB and state.json ~100 bytes: 1 MiB is hundreds of times that
+MAX_JSON_DEPTH = 8  # config.json nests 3 deep (a section, a list), state.json 1
+
+
+def read_json(path: Path, refusal: str):
+    """A small JSON file of the run directory, within bounds: at most MAX_JSON_BYTES (a larger file
+    is not read), nested at most MAX_JSON_DEPTH deep, finite numbers only (no NaN, Infinity or
+    1e999). Anything else raises DdpmkitError(f"{refusal}: why")."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise DdpmkitError(f"{refusal}: {e.strerror or e}") from e
+    if len(raw) > MAX_JSON_BYTES:
+        raise DdpmkitError(f"{refusal}: it is larger than {MAX_JSON_BYTES:,} bytes")
+    try:
+        value = json.loads(raw, parse_constant=_not_finite, parse_float=_finite)
+    except RecursionError:
+        raise DdpmkitError(f"{refusal}: it is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise DdpmkitError(f"{refusal}: {_first_line(e)}") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise DdpmkitError(f"{refusal}: it is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _not_finite(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _depth(value) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -197,57 +260,75 @@ def _fsync_dir_files(directory: Path) -> None:
             os.fsync(f.fileno())
 
 
-def load_weights(module: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights, naming any mismatch with the architecture in one sentence."""
+def load_weights(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Load safetensors weights into `module` once its header fits (run.weights.load)."""
+    return weights.load(module, path)
+
+
+# state.json: what each key may hold (step counts; the global batch is compared, never allocated)
+STATE_LIMITS = {"format": (1, 1), "step": (0, 10**12), "nan_skipped": (0, 10**12), "global_batch": (1, 2**40)}
+
+
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's state.json (read_json), its format version and each key's type and range checked."""
+    path = Path(ckpt) / "state.json"
+    refusal = f"cannot read {path}"
+    state = read_json(path, refusal)
+    version = state.get("format") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads format {FORMAT_VERSION}")
+    for key, value in state.items():
+        if key not in STATE_LIMITS:
+            raise DdpmkitError(f"{refusal}: unknown key {key[:40]!r}")
+        low, high = STATE_LIMITS[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            raise DdpmkitError(f"{refusal}: {key} must be an integer from {low} to {high:,}, got {repr(value)[:40]}")
+    if "step" not in state:
+        raise DdpmkitError(f"{refusal}: it has no step")
+    return state
+
+
+def load_train_state(ckpt: Path) -> dict:
+    """train_state.pt through the weights-only unpickler, once its archive is known not to expand
+    beyond its size on disk (torch.load inflates a compressed entry before checking it)."""
+    path = Path(ckpt) / "train_state.pt"
+    check_archive(path)
     try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises several types for corrupt headers
-        raise DdpmkitError(f"cannot read weights {path}: {_first_line(e)}") from e
-    expected = module.state_dict()
-    missing, extra = [k for k in expected if k not in tensors], sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or extra or wrong:
-        detail = "; ".join(
-            filter(
-                None,
-                [
-                    f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, model wants "
-                    f"{tuple(expected[wrong[0]].shape)}"
-                    if wrong
-                    else "",
-                    f"missing {', '.join(missing[:3])}" if missing else "",
-                    f"unexpected {', '.join(extra[:3])}" if extra else "",
-                ],
-            )
+        with warnings.catch_warnings():  # an odd pickle protocol warns on stderr before it is refused
+            warnings.simplefilter("ignore")
+            train_state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DdpmkitError(
+            f"refusing to load {path}: it is not a plain tensor file ({type(e).__name__}: {_first_line(e, 'GLOBAL')})"
+        ) from e
+    if not isinstance(train_state, dict):
+        raise DdpmkitError(
+            f"refusing to load {path}: it holds a {type(train_state).__name__}, not a dictionary of training state"
         )
-        raise DdpmkitError(f"weights {path} do not fit this architecture: {detail}")
-    module.load_state_dict(tensors)
+    return train_state
+
+
+def check_archive(path: Path) -> None:
+    """torch.save writes a zip of uncompressed entries: refuse any other file, a compressed entry,
+    or entries whose sizes add up to more than the file (so nothing is allocated beyond it)."""
+    refusal = f"refusing to load {path}: it is not a plain tensor file"
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise DdpmkitError(f"{refusal} (not a zip archive of tensors: {_first_line(e)})") from e
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise DdpmkitError(f"{refusal} (its entry {packed[0][:80]} is compressed)")
+    total = sum(e.file_size for e in entries)
+    if total > size:
+        raise DdpmkitError(f"{refusal} (its entries claim {total:,} bytes, the file has {size:,})")
 
 
 def load_state(ckpt: Path) -> tuple[dict, dict]:
     """(state.json, train_state) of a checkpoint; the latter through the weights-only unpickler."""
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DdpmkitError(f"cannot read {ckpt / 'state.json'}: {_first_line(e)}") from e
-    version = state.get("format") if isinstance(state, dict) else None
-    if version != FORMAT_VERSION:
-        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads format {FORMAT_VERSION}")
-    try:
-        with warnings.catch_warnings():  # an odd pickle protocol warns on stderr before it is refused
-            warnings.simplefilter("ignore")
-            train_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DdpmkitError(
-            f"refusing to load {ckpt / 'train_state.pt'}: it is not a plain tensor "
-            f"file ({type(e).__name__}: {_first_line(e, 'GLOBAL')})"
-        ) from e
-    if not isinstance(train_state, dict):
-        raise DdpmkitError(
-            f"refusing to load {ckpt / 'train_state.pt'}: it holds a "
-            f"{type(train_state).__name__}, not a dictionary of training state"
-        )
-    return state, train_state
+    return read_state(ckpt), load_train_state(ckpt)
 
 
 def _first_line(error: Exception, prefer: str = "") -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,9 +33,9 @@ class ModelConfig:
     arch: str = "unet"  # "unet" (seed 002) or "convnext" (seed 001)
     # unet
     base_channels: int = 32
-    channel_mults: tuple = (1, 2, 2)
+    channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
-    attn_resolutions: tuple = (7,)
+    attn_resolutions: tuple[int, ...] = (7,)
     dropout: float = 0.0
     num_heads: int = 4
     attn_type: str = "full"
@@ -44,8 +45,8 @@ class ModelConfig:
     init_conv_kernel: int = 3
     final_res_block: bool = False
     # convnext
-    channels: tuple = (16, 32, 64, 128)
-    strides: tuple = (2, 2, 3)
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 3)
     mult: int = 3
     # both
     self_condition: bool = False
@@ -121,7 +122,7 @@ class RunConfig:
     in_channels: int = 1
     image_size: int = 28
     num_classes: int = 10
-    class_names: tuple = ()
+    class_names: tuple[str, ...] = ()
     preset: str | None = None
 
     def to_json(self) -> str:
@@ -141,20 +142,54 @@ SECTIONS = {
 }
 
 
-def from_dict(cls, data: dict):
-    """Build a dataclass from a dict, recursively, refusing unknown keys."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
+def from_dict(cls, data: dict, where: str = ""):
+    """Build a dataclass from a dict (parsed JSON or overrides), recursively, refusing unknown keys
+    and values of the wrong type: an int field takes no bool, float or string, a float field no string."""
+    what = where or "the config"
+    if not isinstance(data, dict):
+        raise DdpmkitError(f"{what} must be an object of {cls.__name__} fields, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(hints)
     if unknown:
-        raise DdpmkitError(f"unknown {cls.__name__} keys in config: {', '.join(sorted(unknown))}")
+        raise DdpmkitError(f"unknown {cls.__name__} keys in config: {', '.join(sorted(map(str, unknown)))}")
     values = {}
     for name, value in data.items():
-        if name in SECTIONS and cls is RunConfig:
-            value = from_dict(SECTIONS[name], value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        values[name] = value
+        dotted = f"{where}.{name}" if where else name
+        if cls is RunConfig and name in SECTIONS:
+            values[name] = from_dict(SECTIONS[name], value, dotted)
+        else:
+            values[name] = typed(value, hints[name], dotted)
     return cls(**values)
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {int: "integers", str: "strings"}
+
+
+def typed(value, hint, name: str, optional: bool = False):
+    """`value` as a field of type `hint` (int, float, str, bool, tuple[X, ...] or X | None); an int
+    in a float field becomes a float. Anything else is refused in one sentence naming the field."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        (inner,) = [a for a in args if a is not type(None)]
+        return None if value is None else typed(value, inner, name, optional=True)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise DdpmkitError(f"{name} must be a list of {_PLURALS[args[0]]}, got {_show(value)}")
+        return tuple(typed(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if hint is float and number and abs(value) < 2**1000:  # JSON writes 2 for 2.0
+        return float(value)
+    if number if hint is int else isinstance(value, hint):
+        return value
+    kind = _KINDS[hint] + (" or null" if optional else "")
+    raise DdpmkitError(f"{name} must be {kind}, got {_show(value)}")
+
+
+def _show(value) -> str:
+    """A value as it appears in a message: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
@@ -227,6 +262,7 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DdpmkitError(message)
+    check_limits(config)
     check_sample(config.sample, d.timesteps)  # the grids' settings: refused now, not after training
 
 
@@ -243,6 +279,89 @@ def check_sample(s: SampleConfig, T: int) -> None:
         if not ok:
             raise DdpmkitError(message)
     timesteps(T, s.steps, s.spacing)  # the step count and the spacing's name
+
+
+# ---- limits: a run directory from someone else is untrusted input ---------------------------
+
+# The fields that size an allocation (or a loop, or a file), each with its range. A shared run
+# directory is untrusted input: `sample`, `eval`, `animate`, `train --resume` and `serve` check its
+# config against these limits before anything is built, and run.load then checks the network the
+# config describes against the weights file. Each upper limit is generous for real use (several
+# times the largest value of the models these configs follow) yet keeps any one field from asking
+# for more memory than a workstation has; a network's total size is bounded by its weights file.
+LIMITS: dict[str, tuple[int, int]] = {
+    "model.base_channels": (1, 1024),  # the widest bases in use: ADM 256, Stable Diffusion 320
+    "model.channel_mults": (1, 16),  # each level's; ADM at 512x512 goes up to 4
+    "model.num_res_blocks": (1, 16),  # DDPM and ADM use 2 or 3
+    "model.attn_resolutions": (1, 1024),  # each a feature-map size, at most the image size
+    "model.num_heads": (1, 64),  # ADM: 4 heads, or 64 channels per head
+    "model.init_conv_kernel": (1, 15),  # seed 003 uses 7
+    "model.channels": (1, 4096),  # each level of the ConvNeXt U-Net (seed 001: up to 128)
+    "model.strides": (1, 8),  # seed 001: 2 and 3
+    "model.mult": (1, 16),  # ConvNeXt's expansion: 4 in its paper, 3 in seed 001
+    "diffusion.timesteps": (1, 10_000),  # T: DDPM uses 1000, improved DDPM 4000 (sample.steps <= T)
+    "data.image_size": (1, 1024),  # pixel-space models reach 1024x1024 (the last stage of cascades)
+    "data.workers": (0, 256),  # processes
+    "train.steps": (1, 10**9),
+    "train.batch_size": (1, 4096),  # per process and micro-batch; the fashion-gpu preset uses 256
+    "train.grad_accum": (1, 1024),
+    "train.warmup": (0, 10**9),
+    "train.seed": (0, 2**32 - 1),
+    "train.log_every": (1, 10**9),
+    "train.sample_every": (1, 10**9),
+    "train.checkpoint_every": (1, 10**9),
+    "train.keep": (1, 10_000),  # checkpoints on disk
+    "image_size": (1, 1024),  # as data.image_size
+    "num_classes": (0, 100_000),  # ImageNet-21k has 21,841 classes
+    "class_names": (0, 256),  # characters in each name: a grid's caption column grows with them
+}
+# how many entries a list may hold
+LENGTHS: dict[str, tuple[int, int]] = {
+    "model.channel_mults": (1, 8),  # levels: seven halvings take 1024 to 8
+    "model.attn_resolutions": (0, 8),
+    "model.channels": (2, 9),
+    "model.strides": (1, 8),
+    "class_names": (0, 100_000),  # as num_classes
+}
+
+
+def check_limits(config: RunConfig) -> None:
+    """Refuse a config with a field outside LIMITS or LENGTHS, naming the field and the limit."""
+    for name, (low, high) in LENGTHS.items():
+        count = len(_field(config, name))
+        if not low <= count <= high:
+            raise DdpmkitError(f"{name} must have {low} to {high:,} entries, got {count:,}")
+    for name, (low, high) in LIMITS.items():
+        value = _field(config, name)
+        items = [(f"{name}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [(name, value)]
+        for label, v in items:
+            size, unit = (len(v), " characters long") if isinstance(v, str) else (v, "")
+            if v is not None and size > high:
+                raise DdpmkitError(f"{label} must be at most {high:,}{unit}, got {size:,}")
+            if v is not None and size < low:
+                raise DdpmkitError(f"{label} must be at least {low:,}{unit}, got {size:,}")
+    checks = [
+        _one_of(config.in_channels, (1, 3), "in_channels"),  # grayscale or RGB: what the data and grids hold
+        (
+            config.num_classes >= 1 or not config.data.conditional,
+            f"a class-conditional run needs num_classes >= 1, got {config.num_classes}",
+        ),
+        (
+            len(config.class_names) <= config.num_classes,
+            f"class_names has {len(config.class_names):,} names for {config.num_classes:,} classes",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DdpmkitError(message)
+
+
+def _field(config: RunConfig, dotted: str):
+    """config.model.base_channels for "model.base_channels"."""
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def sampler_kwargs(s: SampleConfig) -> dict:

@@ -29,7 +29,7 @@ from ddpmkit.data import FolderDataset, ImageData
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.fileio import atomic_write_text
 from ddpmkit.progress import TrainingBar
-from ddpmkit.run import build, checkpoint
+from ddpmkit.run import build, checkpoint, load
 from ddpmkit.run.config import RunConfig, SampleConfig
 from ddpmkit.run.sampling import default_labels, generate
 from ddpmkit.train import distributed
@@ -164,12 +164,16 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------------
 
     def resume(self) -> None:
+        """Continue from the latest checkpoint. Everything it holds is checked (run.load.check_resume)
+        and loaded before the leftovers of a killed run are cleared, so a refused resume changes nothing."""
+        ckpt = load.check_resume(self.run_dir, self.config)
+        if ckpt is not None:
+            self._load(ckpt)
         if self.dist.rank == 0:  # what a killed run left: temp checkpoints, temp files, unpruned ones
             checkpoint.tidy(self.run_dir, self.config.train.keep)
         distributed.barrier()
-        ckpt = checkpoint.latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return
+
+    def _load(self, ckpt: Path) -> None:
         state, train_state = checkpoint.load_state(ckpt)
         _check_global_batch(
             state.get("global_batch", self.global_batch), self.global_batch, self.config, self.dist.world_size
@@ -178,6 +182,7 @@ class Trainer:
         checkpoint.load_weights(self.ema, ckpt / "ema.safetensors")
         try:
             self.optimizer.load_state_dict(train_state["optimizer"])
+            _check_optimizer_state(self.optimizer, self.model)
             if train_state.get("scaler"):
                 self.scaler.load_state_dict(train_state["scaler"])
             torch.set_rng_state(train_state["cpu_rng"])
@@ -185,9 +190,9 @@ class Trainer:
             raise DdpmkitError(
                 f"{ckpt / 'train_state.pt'} does not hold this run's optimizer and RNG state ({type(e).__name__}: {e})"
             ) from e
+        metrics = [m for m in _read_metrics(self.run_dir) if m["step"] <= state["step"]]
         self.step, self.nan_skipped = state["step"], state.get("nan_skipped", 0)
-        self._saved_step = self.step
-        self.metrics = [m for m in _read_metrics(self.run_dir) if m["step"] <= self.step]
+        self._saved_step, self.metrics = self.step, metrics
 
     def save(self) -> None:
         """Metrics first, then the checkpoint: a kill in between leaves rows past the checkpoint,
@@ -364,11 +369,43 @@ def _check_global_batch(saved: int, now: int, config: RunConfig, world_size: int
         )
 
 
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Each parameter's optimizer state (Adam's moments) has the parameter's shape."""
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(f"{key} of {name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+
+
+MAX_METRICS_BYTES = 64 << 20  # ~400,000 log lines: 20 million steps logged every 50
+
+
 def _read_metrics(run_dir: Path) -> list[dict]:
+    """The logged rows of metrics.jsonl, each an object with an integer step and a numeric loss."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.stat().st_size > MAX_METRICS_BYTES:
+        raise DdpmkitError(
+            f"{path} is larger than {MAX_METRICS_BYTES:,} bytes; move it aside to resume (the loss history restarts)"
+        )
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not _metrics_row(row):
+            raise DdpmkitError(f"{path} line {number} is not a row of metrics (an object with a step and a loss)")
+        rows.append(row)
+    return rows
+
+
+def _metrics_row(row) -> bool:
+    step, loss = (row.get("step"), row.get("loss")) if isinstance(row, dict) else (None, None)
+    return type(step) is int and type(loss) in (int, float)  # type(), not isinstance(): a bool is an int
 
 
 class _signals:
