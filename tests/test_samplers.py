@@ -1,9 +1,11 @@
-"""Every sampler against the exact denoiser of Gaussian data (a known answer)."""
+"""Every sampler against the exact denoiser of Gaussian data (a known answer), and through the CLI."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from conftest import FAST, TINY_MODEL, make_idx_dataset
 from oracles import (
     GaussianEpsNet,
     exact_ode_at,
@@ -13,6 +15,7 @@ from oracles import (
     output_law,
 )
 
+from ddpmkit.cli import main
 from ddpmkit.core.denoiser import Denoiser
 from ddpmkit.core.samplers import (
     SAMPLERS,
@@ -297,3 +300,42 @@ def test_bad_arguments():
         euler_ancestral(den, x_T(2), [5], s_noise=float("nan"))
     with pytest.raises(DdpmkitError):
         get_sampler("lms")
+
+
+# ---- through the command line, on a trained run -------------------------------------------------------
+
+CLI_OPTIONS = {  # the options each sampler is sampled with here, beyond its defaults
+    "ddim": ["--eta", "0.5"],
+    "ddpm": ["--variance", "beta"],
+    "euler": ["--s-churn", "2", "--s-tmin", "0.05", "--s-tmax", "50"],
+    "heun": ["--s-churn", "2", "--s-noise", "1.003"],
+    "euler-a": ["--s-noise", "0.98"],
+    "dpm++sde": ["--s-noise", "0.98"],
+    "unipc": ["--order", "3"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = make_idx_dataset(root / "mnist")
+    run = root / "run"
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data), *TINY_MODEL, *FAST, "--steps", "3"]
+    assert main([*argv, "--precision", "fp32", "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_samples_a_trained_run_with_guidance(trained_run, name, tmp_path):
+    def sample(guidance, *options):
+        npz = tmp_path / f"{guidance}{len(options)}.npz"
+        argv = ["sample", str(trained_run), "--sampler", name, "--steps", "4", "--spacing", "karras", "--n", "4"]
+        argv += ["--guidance", str(guidance), *options, "--out", str(tmp_path / "s.png"), "--npz", str(npz)]
+        assert main([*argv, "--precision", "fp32", "--device", "cpu"]) == 0
+        return np.load(npz)["images"]
+
+    guided = sample(3.0)
+    assert guided.shape == (4, 28, 28) and guided.dtype == np.uint8 and (tmp_path / "s.png").is_file()
+    assert not np.array_equal(guided, sample(1.0))  # the guidance reached the sampler
+    if name in CLI_OPTIONS:
+        assert not np.array_equal(guided, sample(3.0, *CLI_OPTIONS[name]))  # and so did its options
