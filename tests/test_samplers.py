@@ -16,6 +16,7 @@ from oracles import (
 )
 
 from ddpmkit.cli import main
+from ddpmkit.core import samplers
 from ddpmkit.core.denoiser import Denoiser
 from ddpmkit.core.samplers import (
     SAMPLERS,
@@ -167,8 +168,16 @@ def test_the_law_is_exact_arithmetic():
 # ---- DPM-Solver++(2M)'s first-order steps (issue 14) --------------------------------------------------
 
 
+def second_order_after_the_first(order, i, h, h_prev):  # Lu et al.'s rule from 15 steps on
+    return 1 if i == 0 else min(order, i + 1)
+
+
+def first_order_into_t1(steps):  # ddpmkit's rule before issue 14: the step into t_1 always first order
+    return lambda order, i, h, h_prev: 1 if i in (0, len(steps) - 2) else min(order, i + 1)
+
+
 @pytest.mark.parametrize("spacing", ["trailing", "quadratic", "karras"])
-def test_dpm_solver_stays_second_order_into_t1(spacing):
+def test_dpm_solver_stays_second_order_into_t1(spacing, monkeypatch):
     """The step t_2 -> t_1 is second order unless it is more than twice as long as the one before it.
     With the cosine schedule, trailing spacing and 20 steps, a first-order step there doubled the error."""
     sch = cosine(1000)
@@ -176,24 +185,27 @@ def test_dpm_solver_stays_second_order_into_t1(spacing):
     steps = timesteps(1000, 20, spacing, sch)
     traj = Trajectory()
     out = dpm_solver_pp_2m(den, xT, steps, callback=traj)
-    x_t2 = traj.x_t[-2].double()
-    first_order_last = ddim(den, x_t2, steps[-2:])  # D = x0_hat on t_2 -> t_1 is a DDIM step
-    assert not torch.allclose(out, first_order_last)
+    assert not torch.allclose(out, ddim(den, traj.x_t[-2].double(), steps[-2:]))  # not a DDIM step into t_1
     if spacing == "trailing":  # the issue's example: 7.0e-2 with the first-order step, 3.0e-2 without
-        assert float((out - exact_ode_solution(sch, xT, MU, S)).abs().max()) < 0.04
+        error = float((out - exact_ode_solution(sch, xT, MU, S)).abs().max())
+        monkeypatch.setattr(samplers, "_multistep_order", first_order_into_t1(steps))
+        before = float((dpm_solver_pp_2m(den, xT, steps) - exact_ode_solution(sch, xT, MU, S)).abs().max())
+        assert error < 0.04 and before > 1.8 * error
 
 
-def test_dpm_solver_takes_uniform_spacings_last_step_at_first_order():
+def test_dpm_solver_takes_uniform_spacings_last_step_at_first_order(monkeypatch):
     """Uniform spacing's last step (t_2 ~ T/n -> 1) is far longer in lambda than the one before it: there
-    the extrapolation overshoots, so it stays first order (the error at 30 steps is 20x smaller)."""
+    the extrapolation overshoots, so it stays first order; second order would multiply the error by 5+."""
     sch = cosine(1000)
     den, xT = gaussian_denoiser(sch), x_T(256).double()
     steps = timesteps(1000, 30, "uniform")
+    target = den(exact_ode_at(sch, xT, 1, MU, S), 1).x0
     traj = Trajectory()
     out = dpm_solver_pp_2m(den, xT, steps, callback=traj)
     assert torch.allclose(out, ddim(den, traj.x_t[-2].double(), steps[-2:]))
-    target = den(exact_ode_at(sch, xT, 1, MU, S), 1).x0
-    assert float((out - target).abs().max()) < 1e-2
+    error = float((out - target).abs().max())
+    monkeypatch.setattr(samplers, "_multistep_order", second_order_after_the_first)
+    assert error < 1e-2 and float((dpm_solver_pp_2m(den, xT, steps) - target).abs().max()) > 5 * error
 
 
 # ---- identities and bookkeeping ---------------------------------------------------------------------

@@ -187,7 +187,8 @@ def dpm_solver_pp_2m(
         D = pred.x0
         if _multistep_order(2, i, h, h_prev) == 2:
             r = h_prev / h
-            D = (1 + 1 / (2 * r)) * pred.x0 - (1 / (2 * r)) * x0_prev
+            D = (1 + 1 / (2 * r)) * pred.x0 - (1 / (2 * r)) * x0_prev  # D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev
+        # x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
         x = math.sqrt((1 - a_s) / (1 - a_t)) * x - math.sqrt(a_s) * math.expm1(-h) * D
         x0_prev, h_prev = pred.x0, h
     return x
@@ -282,8 +283,8 @@ def heun(
 
 
 class _Churn(NamedTuple):
-    """Algorithm 2's noise injection: gamma_i = min(S_churn / N, sqrt(2) - 1) while
-    S_tmin <= sigma_i <= S_tmax (s_tmax None: no upper bound), else 0; the noise is scaled by S_noise."""
+    """Algorithm 2's noise injection: gamma_i = min(S_churn / N, sqrt(2) - 1) while S_tmin <= sigma_i <= S_tmax
+    (s_tmax None: no upper bound), else 0; the noise is scaled by S_noise."""
 
     s_churn: float
     s_tmin: float
@@ -391,8 +392,8 @@ def unipc(
         a_t, a_s = _abar(denoiser, t), _abar(denoiser, s)
         h = _lambda(denoiser, s) - lambdas[-1]
         p = _multistep_order(order, i, h, lambdas[-1] - lambdas[-2] if i > 0 else None)
-        r = [(lambdas[-1 - k] - lambdas[-1]) / h for k in range(1, p)]
-        D = [(m[-1 - k] - m[-1]) / r_k for k, r_k in enumerate(r, start=1)]
+        r = [(lambdas[-1 - k] - lambdas[-1]) / h for k in range(1, p)]  # r_k = (lambda_k - lambda_t) / h
+        D = [(m[-1 - k] - m[-1]) / r_k for k, r_k in enumerate(r, start=1)]  # D_k = (m_k - m_0) / r_k
         B = math.expm1(-h)  # B_2(h) = e^{-h} - 1 (with data prediction's sign of h)
         # the first-order (DDIM) part: x = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) m_0
         x_first = math.sqrt((1 - a_s) / (1 - a_t)) * x - math.sqrt(a_s) * B * m[-1]

@@ -96,8 +96,8 @@ def sigma(schedule: Schedule, t: int) -> float:
 
 
 def step_at_sigma(schedule: Schedule, values) -> torch.Tensor:
-    """The fractional steps t whose sigma_t are `values` (float64 [k]): linear interpolation in log sigma
-    over t = 1..T, where sigma_t increases with t; clamped to [1, T]."""
+    """The fractional steps t (float64 [k]) whose sigma_t are `values`, by
+    linear interpolation in log sigma over t = 1..T (sigma_t increases with t); clamped to [1, T]."""
     abar = schedule.alpha_bar[1:]
     log_sigmas = 0.5 * torch.log((1 - abar) / abar)  # index i holds step t = i + 1
     log_values = torch.log(torch.as_tensor(values, dtype=torch.float64)).reshape(-1)
@@ -122,8 +122,8 @@ def trailing(T: int, n: int, schedule: Schedule | None = None) -> list[int]:
 
 
 def karras(T: int, n: int, schedule: Schedule | None = None) -> list[int]:
-    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) -
-    sigma_max^(1/rho)))^rho, rho = 7, from sigma_max = min(sigma_T, 80) down to sigma_min = sigma_1.
+    """Karras et al. 2022, eq. 5 with rho = 7, from sigma_max = min(sigma_T, 80) down to sigma_min = sigma_1:
+    sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
 
     Each sigma_i goes to the integer step with (about) the nearest log sigma, pushed apart where they
     collide; the first step is t = T, where x_T ~ N(0, I) is exact, as in every spacing."""
