@@ -14,7 +14,7 @@ threads in the run's sampling precision. DDIM with min(100, T) steps is the refe
 names the best row for "1,000 samples in <= 90 s at < 10% above DDIM-100's FD_dom" (the lowest FD_dom
 among the rows that meet both; the fastest of them too), the choice for `DEFAULT_SAMPLING` in
 src/ddpmkit/run/config.py. The full grid (10 rows x 9 NFEs x 1,000 samples) samples about 2,300
-network evaluations of 1,000 images: about 2.5 hours on the 2-core CPU where DDIM-50 takes 206 s.
+network evaluations of 1,000 images: about 3 hours on the 2-core CPU where DDIM-50 takes 206 s.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def measure(run_dir: Path, todo: list[dict], args) -> list[dict]:
         )
 
     warm_up = sample(dataclasses.replace(base, steps=1), min(args.n, args.batch_size))  # threads, allocator
-    score_images(warm_up, labels[: len(warm_up)] if labels is not None else None, data, "off", None, args.device, False)
+    y = labels[: len(warm_up)] if labels is not None else None
+    if "skipped" in (domain := score_images(warm_up, y, data, "off", None, args.device, False)["domain"]):
+        raise DdpmkitError(f"this run has no domain metrics: {domain['skipped']}")
     rows = []
     for row in todo:
         settings = dataclasses.replace(
