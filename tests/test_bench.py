@@ -105,3 +105,59 @@ def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
             recipe.parse_rows(recipe.row_parser("x", 4.0, "recipe"), bad, list(recipe.ROWS))
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and ("--rows" in errors[0] or "--minutes" in errors[0])  # after argparse's usage
+
+
+def test_sampler_benchmark_plans_nfes_per_sampler():
+    bench = _bench_module("samplers")
+    todo, skipped = bench.plan(["heun-karras", "dpm++"], [4, 15, 35, 101], T=50)
+    assert [(r["row"], r["nfe"], r["steps"]) for r in todo] == [
+        ("heun-karras", 15, 8),
+        ("heun-karras", 35, 18),
+        ("dpm++", 4, 4),
+        ("dpm++", 15, 15),
+        ("dpm++", 35, 35),
+    ]
+    assert [(s["row"], s["nfe"]) for s in skipped] == [("heun-karras", 4), ("heun-karras", 101), ("dpm++", 101)]
+    assert "no step count" in skipped[0]["why"] and "51 steps > T = 50" in skipped[1]["why"]
+    rows = [
+        {"fd_dom": 10.0, "s_per_1000": 200.0},  # too slow
+        {"fd_dom": 10.5, "s_per_1000": 80.0},
+        {"fd_dom": 10.9, "s_per_1000": 30.0},
+        {"fd_dom": 11.5, "s_per_1000": 10.0},  # too far above the reference
+    ]
+    assert bench.best_choice(rows, reference_fd=10.0) == (rows[1], rows[2])
+    assert bench.best_choice(rows[3:], reference_fd=10.0) == (None, None)
+
+
+def test_sampler_benchmark_smoke_run_matches_ddpmkit_eval(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """Two samplers at two NFEs on a 20-step toy run, 16 samples: the tables, the plot, and each row's
+    FD_dom equal to what its recorded `ddpmkit eval` command reports."""
+    from conftest import FAST, TINY_MODEL
+
+    from ddpmkit.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the domain classifier of the toy data
+    run = tmp_path / "run"
+    train = ["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST, "--steps", "20"]
+    assert main([*train, "--precision", "fp32", "--out", str(run)]) == 0
+    bench = _bench_module("samplers")
+    argv = [str(run), "--rows", "dpm++,heun-karras", "--nfe", "3,4", "--n", "16", "--threads", "1"]
+    assert bench.main([*argv, "--results-dir", str(tmp_path / "results")]) == 0
+    (stem,) = {p.with_suffix("") for p in (tmp_path / "results").iterdir()}
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert [(r["row"], r["nfe"], r["steps"]) for r in result["rows"]] == [
+        ("dpm++", 3, 3),
+        ("dpm++", 4, 4),
+        ("heun-karras", 3, 2),
+    ]
+    assert result["skipped"] == [{"row": "heun-karras", "nfe": 4, "why": "no step count makes 4 NFE"}]
+    assert result["reference"]["steps"] == 50 and stem.with_suffix(".png").stat().st_size > 10_000
+    table = stem.with_suffix(".md").read_text()
+    assert table.count("| dpm++ |") == 2 and "reference DDIM-50" in table
+    assert "Best choice for" in table or "No row meets" in table
+    row = result["rows"][2]
+    capsys.readouterr()
+    eval_argv = row["command"].split()[1:] + ["--no-progress", "--out", str(tmp_path / "eval.json")]
+    assert main(eval_argv) == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())["results"]["domain"]
+    assert scored["fd_dom"] == pytest.approx(row["fd_dom"], rel=1e-6) and scored["recall"] == row["recall"]

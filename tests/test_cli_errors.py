@@ -130,8 +130,8 @@ TRAIN_CASES = {
     "sample steps zero": (lambda c: train_argv(c, "--sample-steps", 0), "sampling steps must be a positive"),
     "eta above 1": (lambda c: train_argv(c, "--eta", 1.5), "--eta must be in [0, 1], got 1.5"),
     "unknown grid sampler": (
-        lambda c: train_argv(c, "--sampler", "euler"),
-        f"--sampler must be {either(SAMPLERS)}, got 'euler'",
+        lambda c: train_argv(c, "--sampler", "lms"),
+        f"--sampler must be {either(SAMPLERS)}, got 'lms'",
     ),
     "unknown dataset": (
         lambda c: train_argv(c, "--dataset", "imagenet"),
@@ -249,8 +249,19 @@ SAMPLE_CASES = {
         "--class needs a class-conditional model",
     ),
     "unknown sampler": (
-        lambda c: ["sample", c["run"], "--sampler", "heun"],
-        f"--sampler must be {either(SAMPLERS)}, got 'heun'",
+        lambda c: ["sample", c["run"], "--sampler", "plms"],
+        f"--sampler must be {either(SAMPLERS)}, got 'plms'",
+    ),
+    "unipc order 4": (lambda c: ["sample", c["run"], "--order", 4], "--order must be 2 or 3, got 4"),
+    "churn negative": (lambda c: ["sample", c["run"], "--s-churn", -1], "--s-churn must be a finite number >= 0"),
+    "churn range empty": (
+        lambda c: ["sample", c["run"], "--s-tmin", 1, "--s-tmax", 0.5],
+        "--s-tmax must be >= --s-tmin (1.0), got 0.5",
+    ),
+    "s_noise infinite": (lambda c: ["sample", c["run"], "--s-noise", "inf"], "--s-noise must be a finite number"),
+    "karras spacing, too many steps": (
+        lambda c: ["sample", c["run"], "--spacing", "karras", "--steps", 21],
+        "cannot sample with 21 steps",
     ),
     "unknown spacing": (lambda c: ["sample", c["run"], "--spacing", "log"], "unknown spacing 'log'"),
     "n zero": (lambda c: ["sample", c["run"], "--n", 0], "--n must be >= 1, got 0"),

@@ -3,9 +3,12 @@
 These run only where a CUDA GPU is present (CI has none; they ran on an H100 through bench/gpu.sh,
 which prints their result). Everything else in the suite runs on the CPU."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from ddpmkit.core.samplers import SAMPLERS
 from ddpmkit.data import DatasetInfo, ImageData
 from ddpmkit.run.build import denoiser as denoiser_for
 from ddpmkit.run.config import RunConfig, apply_overrides
@@ -76,3 +79,18 @@ def test_cuda_sampling_matches_the_cpu_in_fp32():
     on_gpu = generate(denoiser_for(config, net), 4, (1, 8, 8), labels=labels, settings=config.sample, device="cuda")
     assert devices == ["cuda"] * config.sample.steps and on_gpu.device.type == "cpu"  # images come back to the host
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_on_cuda(sampler):
+    """Deterministic samplers match the CPU in fp32; the stochastic ones draw their noise on the GPU."""
+    config = _config()
+    net = Trainer(config, "/nonexistent", _data(), "cpu").ema
+    settings = dataclasses.replace(config.sample, sampler=sampler, spacing="karras", guidance=2.0)
+    labels = torch.tensor([0, 1, 0, 1])
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    on_cpu = generate(denoiser_for(config, net), 4, (1, 8, 8), labels=labels, settings=settings)
+    on_gpu = generate(denoiser_for(config, net.cuda()), 4, (1, 8, 8), labels=labels, settings=settings, device="cuda")
+    assert torch.isfinite(on_gpu).all()
+    if sampler in ("ddim", "dpm++", "euler", "heun", "unipc"):
+        torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)

@@ -8,7 +8,7 @@ from torch import nn
 from ddpmkit.cli import main
 from ddpmkit.core.denoiser import Denoiser
 from ddpmkit.core.losses import Noise, SimpleLoss
-from ddpmkit.core.samplers import SAMPLERS, Trajectory
+from ddpmkit.core.samplers import SAMPLERS, nfe
 from ddpmkit.core.schedules import cosine
 from ddpmkit.models import build_model
 from ddpmkit.run import build
@@ -52,16 +52,22 @@ def test_self_conditioning_training_passes(coin, passes):
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_samplers_feed_back_the_previous_x0_hat(name):
+def test_samplers_feed_back_the_previous_x0_hat(name, monkeypatch):
     net, sch = Recorder(), cosine(50)
     den = Denoiser(net, sch, "eps", self_condition=True, clip_x0=False)
-    traj = Trajectory()
-    SAMPLERS[name](
-        den, torch.randn(2, 1, 4, 4), [50, 30, 10], callback=traj, generator=torch.Generator().manual_seed(0)
-    )
-    assert net.self_conds[0] is None  # the first step has no estimate yet (the net uses zeros)
-    for i in (1, 2):
-        assert torch.allclose(net.self_conds[i], traj.x0_hat[i - 1])
+    estimates, forward = [], den.forward
+
+    def spy(*args, **kwargs):
+        pred = forward(*args, **kwargs)
+        estimates.append(pred.x0)
+        return pred
+
+    monkeypatch.setattr(den, "forward", spy)
+    SAMPLERS[name](den, torch.randn(2, 1, 4, 4), [50, 30, 10], generator=torch.Generator().manual_seed(0))
+    assert len(net.self_conds) == len(estimates) == nfe(name, 3)
+    assert net.self_conds[0] is None  # the first evaluation has no estimate yet (the net uses zeros)
+    for i in range(1, len(estimates)):  # every later one gets the one before it (Heun: two per step)
+        assert torch.allclose(net.self_conds[i], estimates[i - 1])
 
 
 def test_self_conditioned_net_takes_the_estimate():

@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from ddpmkit.core.schedules import SPACINGS, build_schedule, cosine, linear, timesteps
+from ddpmkit.core.schedules import (
+    KARRAS_RHO,
+    KARRAS_SIGMA_MAX,
+    SPACINGS,
+    build_schedule,
+    cosine,
+    linear,
+    sigma,
+    step_at_sigma,
+    timesteps,
+)
 from ddpmkit.errors import DdpmkitError
 
 
@@ -49,7 +59,7 @@ def test_at_broadcasts():
 @pytest.mark.parametrize("spacing", sorted(SPACINGS))
 @pytest.mark.parametrize("T,n", [(1000, 10), (1000, 1), (50, 50), (20, 19), (500, 35), (7, 3)])
 def test_spacings_are_valid(spacing, T, n):
-    steps = timesteps(T, n, spacing)
+    steps = timesteps(T, n, spacing, cosine(T))
     assert len(steps) == n
     assert all(a > b for a, b in zip(steps, steps[1:]))
     assert 1 <= min(steps) and max(steps) <= T
@@ -60,6 +70,45 @@ def test_spacing_shapes():
     assert timesteps(1000, 10, "uniform")[0] == 1000 and timesteps(1000, 10, "uniform")[-1] == 1
     q = timesteps(1000, 10, "quadratic")
     assert q[-2] - q[-1] < q[0] - q[1]  # denser near t = 1
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_step_at_sigma_inverts_sigma(name):
+    sch = build_schedule(name, 1000)
+    t = torch.tensor([1.0, 2.0, 17.0, 500.0, 999.0, 1000.0], dtype=torch.float64)
+    assert torch.allclose(step_at_sigma(sch, [sigma(sch, int(v)) for v in t]), t)
+    between = step_at_sigma(sch, [(sigma(sch, 10) * sigma(sch, 11)) ** 0.5])  # the geometric mean
+    assert 10 < float(between) < 11
+    assert step_at_sigma(sch, [1e-9, 1e9]).tolist() == [1.0, 1000.0]  # clamped to [1, T]
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+@pytest.mark.parametrize("n", [5, 12, 30])
+def test_karras_spacing_follows_the_rho_7_sigmas(name, n):
+    sch = build_schedule(name, 1000)
+    steps = timesteps(1000, n, "karras", sch)
+    assert steps[0] == 1000 and steps[-1] == 1  # from pure noise to the smallest noise level
+    sigma_max = min(sigma(sch, 1000), KARRAS_SIGMA_MAX)
+    lo, hi = sigma(sch, 1) ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    for i, t in enumerate(steps[1:], start=1):  # Karras et al. eq. 5, each on its nearest integer step
+        target = (hi + i / (n - 1) * (lo - hi)) ** KARRAS_RHO
+        assert sigma(sch, t + 1) > target > sigma(sch, t - 1) or t <= n - i  # (or pushed apart at the end)
+
+
+def test_karras_spacing_caps_sigma_max():
+    # the cosine schedule's clipped beta_T gives sigma_T ~ 2e4; from there rho = 7 would spend most steps
+    # within a few steps of T. From min(sigma_T, 80) the second step is already below sigma = 80.
+    sch = cosine(1000)
+    assert sigma(sch, 1000) > 1e4
+    steps = timesteps(1000, 10, "karras", sch)
+    assert sigma(sch, steps[1]) < KARRAS_SIGMA_MAX and steps[1] < 990
+
+
+def test_karras_spacing_needs_the_schedule():
+    with pytest.raises(DdpmkitError, match="give the schedule"):
+        timesteps(1000, 10, "karras")
+    with pytest.raises(DdpmkitError, match="T = 50"):
+        timesteps(1000, 10, "karras", cosine(50))
 
 
 @pytest.mark.parametrize("bad", [dict(n=0), dict(n=11), dict(spacing="nope")])

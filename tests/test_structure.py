@@ -213,4 +213,8 @@ def test_every_sampler_option_is_a_sample_config_field_and_a_flag():
 
 def test_sampler_options_come_from_the_signature():
     assert sampler_options("ddim") == ["eta"] and sampler_options("ddpm") == ["variance"]
+    assert sampler_options("heun") == ["s_churn", "s_tmin", "s_tmax", "s_noise"] and sampler_options("unipc") == [
+        "order"
+    ]
+    assert sampler_options("dpm++") == []
     assert all(p.kind is not p.VAR_KEYWORD for f in SAMPLERS.values() for p in inspect.signature(f).parameters.values())

@@ -17,7 +17,7 @@ import numpy as np
 from ddpmkit import __version__
 from ddpmkit.core.diffusion import OBJECTIVES
 from ddpmkit.core.precision import PRECISIONS
-from ddpmkit.core.samplers import SAMPLERS
+from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS
 from ddpmkit.core.schedules import SCHEDULES, SPACINGS
 from ddpmkit.data import DATASETS
 from ddpmkit.errors import DdpmkitError, either
@@ -26,6 +26,7 @@ from ddpmkit.models import ARCHITECTURES
 from ddpmkit.run import checkpoint
 from ddpmkit.run.config import (
     DDPM_VARIANCES,
+    DEFAULT_SAMPLING,
     ON_NAN,
     OPTIMIZERS,
     RunConfig,
@@ -101,8 +102,13 @@ TRAIN_FLAGS = [
     ("--checkpoint-every", "train.checkpoint_every", int, "save a checkpoint every N steps (1000)"),
     ("--keep", "train.keep", int, "checkpoints kept on disk (2)"),
     ("--on-nan", "train.on_nan", str, f"on a NaN/inf loss or gradient: {either(ON_NAN)} the step (stop)"),
-    ("--sampler", "sample.sampler", str, f"default sampler for grids and `sample`: {either(SAMPLERS)} (ddim)"),
-    ("--sample-steps", "sample.steps", int, "default number of sampling steps (50)"),
+    (
+        "--sampler",
+        "sample.sampler",
+        str,
+        f"default sampler for grids and `sample`: {either(SAMPLERS)} ({DEFAULT_SAMPLING['sampler']})",
+    ),
+    ("--sample-steps", "sample.steps", int, f"default number of sampling steps ({DEFAULT_SAMPLING['steps']})"),
     ("--eta", "sample.eta", float, "default eta of the samplers that take it (ddim; 0)"),
     ("--variance", "sample.variance", str, f"default reverse variance of ddpm: {either(DDPM_VARIANCES)} (beta_tilde)"),
 ]
@@ -110,6 +116,11 @@ TRAIN_FLAGS = [
 SAMPLER_OPTION_FLAGS = {
     "eta": (float, "eta in [0, 1] of the samplers that take it (ddim: 0 deterministic, 1 DDPM-like noise)"),
     "variance": (str, f"ddpm's reverse variance: {either(DDPM_VARIANCES)} (beta_tilde, the posterior's)"),
+    "s_churn": (float, "euler and heun: Karras et al.'s stochastic churn S_churn (0 = deterministic)"),
+    "s_tmin": (float, "euler and heun: churn only where sigma >= S_TMIN (0)"),
+    "s_tmax": (float, "euler and heun: churn only where sigma <= S_TMAX (no limit)"),
+    "s_noise": (float, "scale of the noise added by euler and heun's churn, euler-a and dpm++sde (1)"),
+    "order": (int, f"unipc's order: {either(UNIPC_ORDERS)} (2; the corrector makes it accurate to order + 1)"),
 }
 # boolean switches: flag -> (section.field, value when given, help)
 BOOL_FLAGS = {
@@ -217,7 +228,7 @@ def _sampler_flags(p) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (the run's default)")
     p.add_argument("--spacing", help=f"{either(SPACINGS)} (the run's default)")
     for name, (kind, text) in SAMPLER_OPTION_FLAGS.items():
-        p.add_argument(f"--{name}", type=kind, help=text)
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight W (1 = plain conditional)")
     p.add_argument(
         "--precision",

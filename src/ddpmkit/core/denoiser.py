@@ -124,7 +124,8 @@ class Denoiser(nn.Module):
         if not self.self_condition:
             x_self_cond = None
         with autocast(x_t.device, self.precision):  # the net may run in bf16; the maths stays fp32
-            return self.net(x_t, t, y, x_self_cond).float()
+            out = self.net(x_t, t, y, x_self_cond)
+        return out if out.dtype == torch.float64 else out.float()  # (or fp64, as exact-maths tests run)
 
     def _finish(self, x_t, t, x0, eps, var_frac) -> Prediction:
         if self.clip_x0:

@@ -80,35 +80,82 @@ def _check_T(T: int) -> None:
 
 
 # ---- timestep spacings: which of 1..T a sampler visits, in decreasing order --------------------
+# Each spacing is f(T, n, schedule) -> [t_n, ..., t_1]; only those that follow noise levels (karras)
+# read the schedule.
+
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: rho = 7 spaces the sigmas for the smallest error
+# Karras et al.'s sigma_max. The cosine schedule's clipped last step reaches sigma_T ~ 2e4, where x0_hat
+# no longer changes; a rho = 7 schedule from there would put most steps within a few of t = T.
+KARRAS_SIGMA_MAX = 80.0
 
 
-def uniform(T: int, n: int) -> list[int]:
+def sigma(schedule: Schedule, t: int) -> float:
+    """Karras et al.'s noise level of step t: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); sigma_0 = 0."""
+    alpha_bar = float(schedule.alpha_bar[t])
+    return math.sqrt((1 - alpha_bar) / alpha_bar)
+
+
+def step_at_sigma(schedule: Schedule, values) -> torch.Tensor:
+    """The fractional steps t (float64 [k]) whose sigma_t are `values`, by
+    linear interpolation in log sigma over t = 1..T (sigma_t increases with t); clamped to [1, T]."""
+    abar = schedule.alpha_bar[1:]
+    log_sigmas = 0.5 * torch.log((1 - abar) / abar)  # index i holds step t = i + 1
+    log_values = torch.log(torch.as_tensor(values, dtype=torch.float64)).reshape(-1)
+    i = torch.searchsorted(log_sigmas, log_values).clamp(1, schedule.T - 1)
+    lo, hi = log_sigmas[i - 1], log_sigmas[i]  # steps i and i + 1
+    return (i + (log_values - lo) / (hi - lo)).clamp(1, schedule.T)
+
+
+def uniform(T: int, n: int, schedule: Schedule | None = None) -> list[int]:
     """n steps evenly spread over [1, T], both ends included."""
     return _strictly_decreasing([1 + (T - 1) * _fraction(i, n) for i in range(n)], T)
 
 
-def quadratic(T: int, n: int) -> list[int]:
+def quadratic(T: int, n: int, schedule: Schedule | None = None) -> list[int]:
     """Denser near t = 1 (DDIM paper's quadratic spacing): t_i proportional to i^2."""
     return _strictly_decreasing([1 + (T - 1) * _fraction(i, n) ** 2 for i in range(n)], T)
 
 
-def trailing(T: int, n: int) -> list[int]:
+def trailing(T: int, n: int, schedule: Schedule | None = None) -> list[int]:
     """Lin et al. 2024: start at T, step T/n, so the first step sees pure noise at t = T."""
     return _strictly_decreasing([T - i * T / n for i in range(n)], T)
 
 
-SPACINGS = {"uniform": uniform, "quadratic": quadratic, "trailing": trailing}
+def karras(T: int, n: int, schedule: Schedule | None = None) -> list[int]:
+    """Karras et al. 2022, eq. 5 with rho = 7, from sigma_max = min(sigma_T, 80) down to sigma_min = sigma_1:
+    sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+
+    Each sigma_i goes to the integer step with (about) the nearest log sigma, pushed apart where they
+    collide; the first step is t = T, where x_T ~ N(0, I) is exact, as in every spacing."""
+    if schedule is None:
+        raise DdpmkitError("the karras spacing follows the noise levels: give the schedule")
+    sigma_max = min(sigma(schedule, T), KARRAS_SIGMA_MAX)
+    lo, hi = sigma(schedule, 1) ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    sigmas = [(lo + (hi - lo) * _fraction(i, n)) ** KARRAS_RHO for i in range(n)]
+    return _strictly_decreasing([T, *step_at_sigma(schedule, sigmas[1:]).tolist()], T)
 
 
-def timesteps(T: int, n: int, spacing: str = "uniform") -> list[int]:
-    """The decreasing steps t_n > ... > t_1 (>= 1) a sampler visits; it then steps to t = 0."""
+SPACINGS = {"uniform": uniform, "quadratic": quadratic, "trailing": trailing, "karras": karras}
+
+
+def check_steps(T: int, n: int, spacing: str) -> None:
+    """Refuse an unknown spacing, or a step count that is not in 1..T."""
     if spacing not in SPACINGS:
         raise DdpmkitError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if not isinstance(n, int) or n < 1:
         raise DdpmkitError(f"the number of sampling steps must be a positive integer, got {n!r}")
     if n > T:
         raise DdpmkitError(f"cannot sample with {n} steps: the model has only T = {T} diffusion steps")
-    return SPACINGS[spacing](T, n)
+
+
+def timesteps(T: int, n: int, spacing: str = "uniform", schedule: Schedule | None = None) -> list[int]:
+    """The decreasing steps t_n > ... > t_1 (>= 1) a sampler visits; it then steps to t = 0.
+
+    `schedule` (with T steps) is needed by the spacings that follow noise levels (karras)."""
+    check_steps(T, n, spacing)
+    if schedule is not None and schedule.T != T:
+        raise DdpmkitError(f"the schedule has T = {schedule.T} steps, not {T}")
+    return SPACINGS[spacing](T, n, schedule)
 
 
 def _fraction(i: int, n: int) -> float:

@@ -17,8 +17,8 @@ import torch
 
 from ddpmkit.core.diffusion import OBJECTIVES
 from ddpmkit.core.precision import PRECISIONS
-from ddpmkit.core.samplers import SAMPLERS, sampler_options
-from ddpmkit.core.schedules import SCHEDULES, timesteps
+from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS, sampler_options
+from ddpmkit.core.schedules import SCHEDULES, check_steps
 from ddpmkit.data import DATASETS, DatasetInfo
 from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.models import ARCHITECTURES
@@ -97,17 +97,27 @@ class TrainConfig:
     grad_checkpointing: bool = False
 
 
+# The sampler, step count and spacing new runs sample with by default (`ddpmkit sample`, the grids):
+# bench/samplers.py measures which to choose.
+DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "spacing": "uniform"}
+
+
 @dataclass
 class SampleConfig:
     """The run's default sampling settings (a preset may change them; flags override)."""
 
-    sampler: str = "ddim"
-    steps: int = 50
-    spacing: str = "uniform"
+    sampler: str = DEFAULT_SAMPLING["sampler"]
+    steps: int = DEFAULT_SAMPLING["steps"]
+    spacing: str = DEFAULT_SAMPLING["spacing"]
     guidance: float = 1.0
     # each sampler's own options (a field per keyword option of a sampler in core.samplers.SAMPLERS)
     eta: float = 0.0  # ddim: 0 deterministic .. 1 DDPM-like noise
     variance: str = "beta_tilde"  # ddpm: the reverse variance, beta_tilde (posterior) or beta (upper bound)
+    s_churn: float = 0.0  # euler, heun: Karras et al.'s stochastic churn S_churn (0: deterministic)
+    s_tmin: float = 0.0  # euler, heun: churn only where S_tmin <= sigma_t <= S_tmax
+    s_tmax: float | None = None  # (None: no upper bound)
+    s_noise: float = 1.0  # euler, heun (churn), euler-a, dpm++sde: the scale of the noise they add
+    order: int = 2  # unipc: 2 or 3 (its accuracy is order + 1)
     precision: str = "auto"  # the network's precision while sampling (auto: bf16 where native)
 
 
@@ -274,11 +284,16 @@ def check_sample(s: SampleConfig, T: int) -> None:
         _one_of(s.variance, DDPM_VARIANCES, "--variance"),
         _one_of(s.precision, PRECISIONS, "--precision"),
         (math.isfinite(s.guidance) and s.guidance >= 0, f"--guidance must be a finite number >= 0, got {s.guidance}"),
+        (0 <= s.s_churn < math.inf, f"--s-churn must be a finite number >= 0, got {s.s_churn}"),
+        (0 <= s.s_tmin < math.inf, f"--s-tmin must be a finite number >= 0, got {s.s_tmin}"),
+        (s.s_tmax is None or s.s_tmax >= s.s_tmin, f"--s-tmax must be >= --s-tmin ({s.s_tmin}), got {s.s_tmax}"),
+        (0 <= s.s_noise < math.inf, f"--s-noise must be a finite number >= 0, got {s.s_noise}"),
+        _one_of(s.order, UNIPC_ORDERS, "--order"),
     ]
     for ok, message in checks:
         if not ok:
             raise DdpmkitError(message)
-    timesteps(T, s.steps, s.spacing)  # the step count and the spacing's name
+    check_steps(T, s.steps, s.spacing)  # the step count and the spacing's name
 
 
 # ---- limits: a run directory from someone else is untrusted input ---------------------------

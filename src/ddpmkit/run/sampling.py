@@ -62,7 +62,7 @@ def generate(
     check_sample(settings, denoiser.schedule.T)
     denoiser.precision = settings.precision
     sampler, options = get_sampler(settings.sampler), sampler_kwargs(settings)
-    steps = timesteps(denoiser.schedule.T, settings.steps, settings.spacing)
+    steps = timesteps(denoiser.schedule.T, settings.steps, settings.spacing, denoiser.schedule)
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     out = []
     for b, start in enumerate(maybe_tqdm(range(0, n, batch_size), progress, "sampling")):
