@@ -411,6 +411,7 @@ def cmd_distill(args) -> int:
     from ddpmkit.run.sampling import check_guidance
     from ddpmkit.train.distill import Distiller
     from ddpmkit.train.stream import training_data
+    from ddpmkit.train.trainer import batch_indices
 
     given, out = _given(args, DISTILL_FLAGS), Path(args.out)
     names = {dest: flag for flag, dest, _, _ in DISTILL_FLAGS}
@@ -443,6 +444,7 @@ def cmd_distill(args) -> int:
             f"the images in {config.data.data_dir or config.data.dataset} are not the ones the teacher "
             "was trained on (their size, channels or classes differ)"
         )
+    batch_indices(config.train.seed, 0, len(data), config.train.batch_size)  # enough images for one batch
     distiller = Distiller(config, out, data, device)
     if args.resume:
         distiller.resume()
