@@ -13,8 +13,10 @@ import time
 import pytest
 import torch
 from conftest import TINY_MODEL, make_idx_dataset, perturb
+from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file
 from test_checkpoint import snapshot
+from test_cli_errors import argument_lists, fuzz, make_run
 from test_reliability import assert_metrics_match, assert_same_tensors, final_weights
 from test_train import tiny_config, tiny_data
 
@@ -189,13 +191,15 @@ def test_resuming_from_every_checkpoint_is_bit_identical(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     start_distiller(config, straight, teacher_weights).fit(progress=False)
     want = final_weights(straight)
-    for k in (0, 2, 3, 4):  # no checkpoint yet, within round 1, at the boundary, within round 2
-        run = tmp_path / f"from-{k}"
+    # killed before the teacher's copy, before a checkpoint, within round 1, at the boundary, within round 2
+    for k, copied in ((0, False), (0, True), (2, True), (3, True), (4, True)):
+        run = tmp_path / f"from-{k}-{copied}"
         run.mkdir()
         for name in ("config.json", "metrics.jsonl"):
             shutil.copy(straight / name, run / name)
         (run / "rounds").mkdir()
-        shutil.copy(teacher_file(straight), teacher_file(run))
+        if copied:
+            shutil.copy(teacher_file(straight), teacher_file(run))
         if k > 3:  # round 1's student is written as round 2 begins, after checkpoint 3
             shutil.copy(round_file(straight, 4), round_file(run, 4))
         if k:
@@ -370,3 +374,21 @@ def test_train_resume_refuses_a_distilled_run(student_run, capsys):
     resume = ["distill", "--out", str(student_run), "--resume"]
     one_line_exit_2(capsys, [*resume, "--to", "1"], "--to cannot change when resuming")
     assert snapshot(student_run) == before
+
+
+@pytest.fixture(scope="module")
+def untrained_teacher(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("fuzz") / "run")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=argument_lists("distill"))
+def test_random_distill_arguments_exit_2_and_create_nothing(untrained_teacher, tmp_path_factory, argv):
+    """Random flags (values of their type, sometimes junk) with a data directory that does not exist:
+    every check before the data runs, nothing starts, --out is never created, the teacher never changes."""
+    root = untrained_teacher.parent
+    before, out = snapshot(untrained_teacher), root / "fuzz-out"
+    valid = ["--from", "8", "--to", "2"]  # the random flags come after, and override them
+    argv = [argv[0], str(untrained_teacher), *valid, *argv[1:], "--data-dir", str(root / "no-data"), "--out", str(out)]
+    assert fuzz(argv) == 2
+    assert not out.exists() and snapshot(untrained_teacher) == before
