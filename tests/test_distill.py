@@ -150,7 +150,7 @@ def test_rounds_halve_the_steps_down_to_to_and_hand_the_student_over(tmp_path, m
     distiller = start_distiller(config, tmp_path / "student", teacher_weights)
     assert distiller.counts == [8, 4, 2] and distiller.total == 6
     seen, teachers = [], []
-    real_noise = Distiller.batch_noise
+    real_noise = Distiller.noise_now
 
     def recording_noise(self):
         noise = real_noise(self)
@@ -158,7 +158,7 @@ def test_rounds_halve_the_steps_down_to_to_and_hand_the_student_over(tmp_path, m
         teachers.append({k: v.clone() for k, v in self.teacher.net.state_dict().items()})
         return noise
 
-    monkeypatch.setattr(Distiller, "batch_noise", recording_noise)
+    monkeypatch.setattr(Distiller, "noise_now", recording_noise)
     assert distiller.fit(progress=False) == 6
     for step, steps in seen:  # every t drawn lies on the grid of the student of its round
         n = [8, 4, 2][step // 2]

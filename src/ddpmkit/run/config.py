@@ -296,7 +296,7 @@ def check_distill(config: RunConfig, T: int) -> None:
         (s.steps_per_round >= 1, f"--steps-per-round must be >= 1, got {s.steps_per_round}"),
         (2 <= s.start <= T, f"--from must be between 2 and the model's T = {T} steps, got {s.start}"),
         (math.isfinite(s.guidance) and s.guidance >= 0, f"--guidance must be a finite number >= 0, got {s.guidance}"),
-        _one_of(s.spacing, SPACINGS, "--spacing"),
+        _one_of(s.spacing, SPACINGS, "distill.spacing"),
     ]
     for ok, message in checks:
         if not ok:

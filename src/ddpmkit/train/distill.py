@@ -133,7 +133,7 @@ class Distiller(Trainer):
             self._begin_round()
         return super().train_step()
 
-    def batch_noise(self) -> Noise:
+    def noise_now(self) -> Noise:
         """t = t_i with i ~ U{1..N} on the student's grid (Algorithm 2: t = i / N), eps ~ N(0, I)."""
         c, size = self.config.in_channels, self.config.image_size
         shape = (self.global_batch, c, size, size)

@@ -257,7 +257,7 @@ class Trainer:
         cfg, dist = self.config.train, self.dist
         micro, accum = cfg.batch_size, cfg.grad_accum
         idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
-        noise = self.batch_noise()
+        noise = self.noise_now()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_now()
         total = torch.zeros((), device=self.device)
@@ -272,7 +272,7 @@ class Trainer:
             total += loss.detach() / accum
         return self._optimizer_step(total)
 
-    def batch_noise(self) -> Noise:
+    def noise_now(self) -> Noise:
         """(t, eps, u) of this optimizer step's global batch, t ~ U{1..T}."""
         c, size = self.config.in_channels, self.config.image_size
         shape = (self.global_batch, c, size, size)
