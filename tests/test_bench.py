@@ -161,3 +161,30 @@ def test_sampler_benchmark_smoke_run_matches_ddpmkit_eval(tiny_mnist, tmp_path, 
     assert main(eval_argv) == 0
     scored = json.loads((tmp_path / "eval.json").read_text())["results"]["domain"]
     assert scored["fd_dom"] == pytest.approx(row["fd_dom"], rel=1e-6) and scored["recall"] == row["recall"]
+
+
+def test_distill_baselines_parse_and_the_report_compares_with_the_first():
+    bench = _bench_module("distill")
+    assert bench.parse_baselines("ddim:50, dpm++:10:uniform,") == [("ddim", 50, None), ("dpm++", 10, "uniform")]
+    row = {"settings": {"sampler": "ddim", "spacing": "trailing", "guidance": 1.0, "steps": 4}, "sample_s": 1.0}
+    scores = {"conditional_accuracy": 0.9, "precision": 0.8, "recall": 0.7}
+    result = {
+        "date": "d",
+        "command": "c",
+        "machine": {"cpu": "x", "cores": 2, "torch": "t", "load_average_at_start": 0.0},
+        "threads": 2,
+        "teacher": "RUN",
+        "n": 10,
+        "seed": 0,
+        "distillation": {"wall_s": 600, "cpu_s": 1200, "command": ["distill"], "round_written_s": {4: 300}},
+        "rows": [
+            {**row, "name": "teacher, ddim 50", "fd_dom": 20.0, **scores},
+            {**row, "name": "student, 4 steps", "fd_dom": 30.0, **scores},
+        ],
+    }
+    text = bench.report(result)
+    assert "10.0 wall minutes, 20.0 CPU minutes" in text
+    assert "| student, 4 steps | ddim trailing, guidance 1 | 4 | 30.00 | 1.50x |" in text and text.rstrip().endswith(
+        "ended."
+    )
+    assert "| 5.0 |" in text  # the 4-step student existed 5 minutes into the distillation

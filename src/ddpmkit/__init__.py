@@ -3,7 +3,8 @@
 The package is layered; each folder imports only the ones above it in this list:
 
     errors, fileio, progress   foundations (no ddpmkit imports)
-    core/      the mathematics: schedules, diffusion, denoiser, samplers, losses, likelihood
+    core/      the mathematics: schedules, diffusion, denoiser, samplers, losses, likelihood,
+               distillation
     models/    the networks
     data/      pixels in, uint8 tensors out
     viz        pictures (grids, GIFs, figures)

@@ -32,6 +32,7 @@ from ddpmkit.run.config import (
     RunConfig,
     SampleConfig,
     apply_overrides,
+    distilled_config,
     resume_config,
     validate,
     with_dataset,
@@ -112,6 +113,30 @@ TRAIN_FLAGS = [
     ("--eta", "sample.eta", float, "default eta of the samplers that take it (ddim; 0)"),
     ("--variance", "sample.variance", str, f"default reverse variance of ddpm: {either(DDPM_VARIANCES)} (beta_tilde)"),
 ]
+# `ddpmkit distill`: flag -> (section.field, type, help); the defaults are DistillConfig's and DISTILL_TRAIN's
+DISTILL_FLAGS = [
+    ("--from", "distill.start", int, "the teacher's DDIM steps in the first round; its student takes half (64)"),
+    ("--to", "distill.to", int, "the final student's steps: --from halved once per round (4)"),
+    ("--steps-per-round", "distill.steps_per_round", int, "optimizer steps per halving (500)"),
+    (
+        "--guidance",
+        "distill.guidance",
+        float,
+        "the teacher's classifier-free guidance weight W, folded into the student, which then samples "
+        "with guidance 1 (the teacher run's default, usually 1)",
+    ),
+    ("--batch-size", "train.batch_size", int, "images per optimizer step (64)"),
+    ("--lr", "train.lr", float, "learning rate at the start of each round, falling linearly to 0 (2e-4)"),
+    ("--ema-decay", "train.ema_decay", float, "EMA decay within a round (0: the student's weights themselves)"),
+    ("--seed", "train.seed", int, "random seed of the data order and noise (0)"),
+    ("--precision", "train.precision", str, f"{either(PRECISIONS)} autocast (auto: bf16 where the hardware has it)"),
+    ("--minutes", "train.minutes", float, "stop after this many minutes of wall clock; continue with --resume"),
+    ("--log-every", "train.log_every", int, "log metrics every N steps (50)"),
+    ("--sample-every", "train.sample_every", int, "write a sample grid every N steps (once a round)"),
+    ("--checkpoint-every", "train.checkpoint_every", int, "save a checkpoint every N steps (100)"),
+    ("--keep", "train.keep", int, "checkpoints kept on disk (2)"),
+    ("--data-dir", "data.data_dir", str, "where the teacher's dataset is now, if it moved"),
+]
 # every option of every sampler (a SampleConfig field) has a flag in `sample`, `animate` and `eval`
 SAMPLER_OPTION_FLAGS = {
     "eta": (float, "eta in [0, 1] of the samplers that take it (ddim: 0 deterministic, 1 DDPM-like noise)"),
@@ -179,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _animate_parser(sub)
     _forward_parser(sub)
     _eval_parser(sub)
+    _distill_parser(sub)
     return parser
 
 
@@ -208,6 +234,26 @@ def _train_parser(sub) -> None:
         help="train in N processes on this machine (data parallel; runs "
         "`python -m torch.distributed.run --standalone --nproc_per_node N -m ddpmkit train ...`)",
     )
+
+
+def _distill_parser(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a trained run into a student that samples in a few steps (progressive distillation)",
+        description="Progressive distillation (Salimans & Ho 2022): a student, initialised as the teacher, "
+        "learns to take one DDIM step where its teacher takes two; then it becomes the teacher and the "
+        "steps halve, from --from down to --to. The result is a run directory that `sample` and `eval` "
+        "open with DDIM at --to steps. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits 130 or 143.",
+    )
+    p.add_argument("run_dir", nargs="?", help="the teacher: a run directory made by `ddpmkit train`")
+    p.add_argument("--out", required=True, help="the new run directory (must be new unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the distillation in --out")
+    for flag, dest, kind, text in DISTILL_FLAGS:
+        p.add_argument(
+            flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text, metavar=flag[2:].upper().replace("-", "_")
+        )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _sample_parser(sub) -> None:
@@ -290,10 +336,10 @@ def _device(name: str):
     return name
 
 
-def _given(args) -> dict:
-    """The train flags the user actually gave, as {section: {field: value}}."""
+def _given(args, flags=TRAIN_FLAGS) -> dict:
+    """The flags (of `train` unless told) the user actually gave, as {section: {field: value}}."""
     out: dict = {}
-    for _, dest, _, _ in TRAIN_FLAGS:
+    for _, dest, _, _ in flags:
         if hasattr(args, dest):
             section, name = dest.split(".")
             out.setdefault(section, {})[name] = getattr(args, dest)
@@ -316,7 +362,12 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.preset:
             raise DdpmkitError("--preset cannot be combined with --resume (the run keeps its configuration)")
-        config = resume_config(checkpoint.load_config(run_dir), given, _flageither())
+        config = checkpoint.load_config(run_dir)
+        if config.distill is not None:
+            raise DdpmkitError(
+                f"{run_dir} was made by `ddpmkit distill`; continue it with `ddpmkit distill --out {run_dir} --resume`"
+            )
+        config = resume_config(config, given, _flageither())
     else:
         config = apply_overrides(RunConfig(preset=args.preset), PRESETS.get(args.preset, {}))
         config = apply_overrides(config, given)
@@ -338,7 +389,7 @@ def cmd_train(args) -> int:
             trainer.resume()
         trainer.fit(total, config.train.minutes, progress=not args.no_progress)
         if trainer.interrupted_by is not None:
-            return _interrupted(trainer.interrupted_by, trainer.step, run_dir, dist.rank)
+            return _interrupted("train", trainer.interrupted_by, trainer.step, run_dir, dist.rank)
         if dist.rank == 0:
             print(f"trained to step {trainer.step}; run directory {run_dir}")
     finally:
@@ -357,17 +408,71 @@ def _labelled(data) -> bool:
     return bool(len(data.labels)) and int(torch.as_tensor(data.labels).min()) >= 0
 
 
-def _interrupted(signum: int, step: int, run_dir: Path, rank: int) -> int:
+def _interrupted(command: str, signum: int, step: int, run_dir: Path, rank: int) -> int:
     """SIGINT/SIGTERM stopped training and its checkpoint is saved: exit 128 + signal, as shells do."""
     import signal
 
     if rank == 0:
         print(
-            f"ddpmkit train: stopped by {signal.Signals(signum).name} at step {step} and saved a checkpoint; "
-            f"continue with `ddpmkit train --out {run_dir} --resume`",
+            f"ddpmkit {command}: stopped by {signal.Signals(signum).name} at step {step} and saved a checkpoint; "
+            f"continue with `ddpmkit {command} --out {run_dir} --resume`",
             file=sys.stderr,
         )
     return 128 + signum
+
+
+def cmd_distill(args) -> int:
+    from ddpmkit.run.sampling import check_guidance
+    from ddpmkit.train.distill import Distiller
+    from ddpmkit.train.stream import training_data
+    from ddpmkit.train.trainer import batch_indices
+
+    given, out = _given(args, DISTILL_FLAGS), Path(args.out)
+    names = {dest: flag for flag, dest, _, _ in DISTILL_FLAGS}
+    if args.resume:
+        config = checkpoint.load_config(out)
+        if config.distill is None:
+            raise DdpmkitError(f"{out} was not made by `ddpmkit distill`; continue it with `ddpmkit train --resume`")
+        if args.run_dir is not None and Path(args.run_dir).resolve() != Path(config.distill.teacher):
+            raise DdpmkitError(f"{out} distils {config.distill.teacher}, not {args.run_dir}")
+        config = resume_config(config, given, names)
+    else:
+        if args.run_dir is None:
+            raise DdpmkitError("give the teacher's run directory: ddpmkit distill RUN --out NEW")
+        teacher_dir = Path(args.run_dir)
+        checkpoint.check_new_run(out)
+        teacher = checkpoint.load_config(teacher_dir)
+        ckpt = checkpoint.latest_checkpoint(teacher_dir)
+        if ckpt is None:
+            raise DdpmkitError(f"{teacher_dir} has no complete checkpoint yet; train it first")
+        checkpoint.load_state(ckpt)  # its format version
+        if out.resolve().is_relative_to(teacher_dir.resolve()):
+            raise DdpmkitError(f"--out {out} is inside the teacher's run directory {teacher_dir}; choose another")
+        config = distilled_config(teacher, str(teacher_dir.resolve()), ckpt.name, given)
+        check_guidance(teacher, config.distill.guidance)
+    validate(config)
+    device = _device(args.device)
+    data = training_data(config)
+    if with_dataset(config, data.info) != config:
+        raise DdpmkitError(
+            f"the images in {config.data.data_dir or config.data.dataset} are not the ones the teacher "
+            "was trained on (their size, channels or classes differ)"
+        )
+    batch_indices(config.train.seed, 0, len(data), config.train.batch_size)  # enough images for one batch
+    distiller = Distiller(config, out, data, device)
+    if args.resume:
+        distiller.resume()
+    else:
+        checkpoint.create_run(out, config)
+        distiller.start(ckpt / "ema.safetensors")
+    distiller.fit(minutes=config.train.minutes, progress=not args.no_progress)
+    if distiller.interrupted_by is not None:
+        return _interrupted("distill", distiller.interrupted_by, distiller.step, out, 0)
+    if distiller.step < distiller.total:
+        print(f"stopped after --minutes at step {distiller.step} of {distiller.total}; continue with --resume")
+    else:
+        print(f"distilled to {config.distill.to} steps in {len(distiller.counts)} rounds; run directory {out}")
+    return 0
 
 
 def cmd_sample(args) -> int:
@@ -576,7 +681,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "animate": cmd_animate, "forward": cmd_forward, "eval": cmd_eval}
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "animate": cmd_animate,
+    "forward": cmd_forward,
+    "eval": cmd_eval,
+    "distill": cmd_distill,
+}
 
 
 def main(argv=None) -> int:

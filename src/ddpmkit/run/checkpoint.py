@@ -8,6 +8,7 @@
         train_state.pt                optimizer state and RNG states (tensors only; weights_only load)
         state.json                    step, epoch position, format version
     RUN/samples/step-00001000.png     sample grids; RUN/loss.png the loss curve
+    RUN/rounds/*.safetensors          a distilled run's teacher and each round's student (EMA weights)
     RUN/.tmp-ckpt-*/                  a checkpoint being written or deleted; never read, and
                                       removed by tidy() when a killed run is resumed
 
@@ -30,10 +31,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.fileio import atomic_write_text
+from ddpmkit.fileio import atomic_write, atomic_write_text
 from ddpmkit.run import weights
 from ddpmkit.run.config import RunConfig, from_dict, validate
 
@@ -53,6 +54,17 @@ def is_run(run_dir: Path) -> bool:
 
 def create_run(run_dir: Path, config: RunConfig) -> Path:
     """Make a new run directory; refuse if it already holds anything (nothing is modified)."""
+    run_dir = check_new_run(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", config.to_json())
+    except OSError as e:
+        raise DdpmkitError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
+    return run_dir
+
+
+def check_new_run(run_dir: Path) -> Path:
+    """Refuse a run directory that exists with anything in it (create_run's check, to make early)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DdpmkitError(f"{run_dir} exists and is not a directory")
@@ -62,11 +74,6 @@ def create_run(run_dir: Path, config: RunConfig) -> Path:
         raise DdpmkitError(
             f"{run_dir} already holds {what}; add --resume to continue it, or choose a new --out directory"
         )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", config.to_json())
-    except OSError as e:
-        raise DdpmkitError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
     return run_dir
 
 
@@ -171,7 +178,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     final = run_dir / f"{CKPT_PREFIX}{step:08d}"
     for name, module in (("model", model), ("ema", ema)):
-        _check_finite(module, name, step)
+        _check_finite(module, f"step {step}: {name}")
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=run_dir))
@@ -200,7 +207,12 @@ def tidy(run_dir: Path, keep: int) -> int:
     writes, and checkpoints beyond `keep` (a kill can land between a save and its pruning).
     Returns how many entries it removed."""
     run_dir = Path(run_dir)
-    leftovers = [*run_dir.glob(TEMP_PREFIX + "*"), *run_dir.glob(".*.tmp"), *run_dir.glob("samples/.*.tmp")]
+    leftovers = [
+        *run_dir.glob(TEMP_PREFIX + "*"),
+        *run_dir.glob(".*.tmp"),
+        *run_dir.glob("samples/.*.tmp"),
+        *run_dir.glob("rounds/.*.tmp"),
+    ]
     for path in leftovers:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -248,10 +260,10 @@ def _state_dict(module: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def _check_finite(module: torch.nn.Module, name: str, step: int) -> None:
+def _check_finite(module: torch.nn.Module, what: str) -> None:
     for key, value in module.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise DdpmkitError(f"refusing to save step {step}: {name} weight {key} holds NaN or inf")
+            raise DdpmkitError(f"refusing to save {what} weight {key} holds NaN or inf")
 
 
 def _fsync_dir_files(directory: Path) -> None:
@@ -324,6 +336,16 @@ def check_archive(path: Path) -> None:
     total = sum(e.file_size for e in entries)
     if total > size:
         raise DdpmkitError(f"{refusal} (its entries claim {total:,} bytes, the file has {size:,})")
+
+
+def save_weights(path: Path, module: torch.nn.Module, metadata: dict | None = None) -> None:
+    """One module's weights as a safetensors file, written atomically; NaN/inf weights refused."""
+    _check_finite(module, f"{path}:")
+    try:
+        data = save(_state_dict(module), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        atomic_write(path, data)
+    except OSError as e:
+        raise DdpmkitError(f"could not write {path}: {e.strerror or e}") from e
 
 
 def load_state(ckpt: Path) -> tuple[dict, dict]:

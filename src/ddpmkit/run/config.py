@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ddpmkit.core.diffusion import OBJECTIVES
+from ddpmkit.core.distillation import Grids, halvings
 from ddpmkit.core.precision import PRECISIONS
 from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS, sampler_options
-from ddpmkit.core.schedules import SCHEDULES, check_steps
+from ddpmkit.core.schedules import SCHEDULES, SPACINGS, check_steps
 from ddpmkit.data import DATASETS, DatasetInfo
 from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.models import ARCHITECTURES
@@ -122,12 +123,28 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """How a run was distilled from a teacher run (`ddpmkit distill`; progressive distillation,
+    Salimans & Ho 2022). Round r trains a student of start / 2^r steps to match two DDIM steps of
+    its teacher (the student of round r - 1; the teacher run's EMA weights in round 1)."""
+
+    teacher: str = ""  # the teacher's run directory
+    teacher_checkpoint: str = ""  # its checkpoint the first round started from
+    start: int = 64  # the teacher's DDIM steps in round 1 (its student takes start / 2)
+    to: int = 4  # the final student's steps
+    steps_per_round: int = 500  # optimizer steps per halving
+    guidance: float = 1.0  # the teacher's classifier-free guidance weight, folded into the student
+    spacing: str = "trailing"  # of both grids; the student's SampleConfig uses it too
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig | None = None  # set for a run made by `ddpmkit distill`
     # filled in from the dataset when the run starts
     in_channels: int = 1
     image_size: int = 28
@@ -149,7 +166,40 @@ SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
+    "distill": DistillConfig,
 }
+
+
+# the optimisation of `ddpmkit distill` where it differs from training's (TrainConfig): the paper's
+# code anneals the learning rate linearly to 0 over each round without EMA (there: 5e-5, batch 128,
+# 50k steps a round); our rounds are a hundred times shorter, hence a larger rate
+DISTILL_TRAIN = {"lr": 2e-4, "warmup": 0, "ema_decay": 0.0, "checkpoint_every": 100}
+
+
+def distilled_config(teacher: RunConfig, teacher_dir: str, checkpoint_name: str, given: dict) -> RunConfig:
+    """The config of a student distilled from `teacher` (its run directory and checkpoint), with the
+    `given` {section: {field: value}} settings of `ddpmkit distill`: the teacher's network (without
+    dropout, as the paper's students), diffusion and data; the distillation's optimisation; and
+    sampling defaults that are the student's own grid, DDIM with `to` steps, guidance folded in."""
+    settings = DistillConfig(teacher=teacher_dir, teacher_checkpoint=checkpoint_name, guidance=teacher.sample.guidance)
+    settings = dataclasses.replace(settings, **given.get("distill", {}))
+    try:
+        total = len(halvings(settings.start, settings.to)) * settings.steps_per_round
+    except DdpmkitError:
+        total = None  # validate() names the flag
+    once_a_round = max(settings.steps_per_round, 1)
+    train = {**DISTILL_TRAIN, "sample_every": once_a_round, **given.get("train", {}), "steps": total}
+    sample = dataclasses.replace(
+        teacher.sample, sampler="ddim", steps=settings.to, spacing=settings.spacing, guidance=1.0, eta=0.0
+    )
+    return dataclasses.replace(
+        teacher,
+        model=dataclasses.replace(teacher.model, dropout=0.0),
+        data=dataclasses.replace(teacher.data, **given.get("data", {})),
+        train=TrainConfig(**train),
+        sample=sample,
+        distill=settings,
+    )
 
 
 def from_dict(cls, data: dict, where: str = ""):
@@ -166,7 +216,8 @@ def from_dict(cls, data: dict, where: str = ""):
     for name, value in data.items():
         dotted = f"{where}.{name}" if where else name
         if cls is RunConfig and name in SECTIONS:
-            values[name] = from_dict(SECTIONS[name], value, dotted)
+            optional = type(None) in typing.get_args(typing.get_type_hints(cls)[name])  # the distill section
+            values[name] = None if value is None and optional else from_dict(SECTIONS[name], value, dotted)
         else:
             values[name] = typed(value, hints[name], dotted)
     return cls(**values)
@@ -207,7 +258,7 @@ def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
     data = dataclasses.asdict(config)
     for section, values in overrides.items():
         if isinstance(values, dict):
-            data[section].update(values)
+            data[section] = {**(data[section] or {}), **values}
         else:
             data[section] = values
     return from_dict(RunConfig, data)
@@ -237,6 +288,8 @@ def _one_of(value, choices, flag: str) -> tuple[bool, str]:
 def validate(config: RunConfig) -> None:
     """Refuse settings that cannot work, with one sentence naming the flag."""
     m, d, data, t = config.model, config.diffusion, config.data, config.train
+    if config.distill is not None:  # first: its --to is also the sampling steps
+        check_distill(config, d.timesteps)
     checks = [
         _one_of(m.arch, ARCHITECTURES, "--arch"),
         (d.timesteps >= 1, f"--timesteps must be >= 1, got {d.timesteps}"),
@@ -274,6 +327,32 @@ def validate(config: RunConfig) -> None:
             raise DdpmkitError(message)
     check_limits(config)
     check_sample(config.sample, d.timesteps)  # the grids' settings: refused now, not after training
+
+
+def check_distill(config: RunConfig, T: int) -> None:
+    """Refuse distillation settings that cannot work with this model of T steps (flags of `ddpmkit distill`)."""
+    s = config.distill
+    if config.diffusion.objective == "eps":
+        raise DdpmkitError(
+            "distillation needs a model that predicts v or x0 (Salimans & Ho 2022, sec. 4: from eps_hat, "
+            "x0_hat = (x_t - sigma_t eps_hat) / alpha_t is unstable near t = T); this run has --objective eps"
+        )
+    if config.model.self_condition:
+        raise DdpmkitError("distillation of a model trained with --self-condition is not supported")
+    checks = [
+        (s.steps_per_round >= 1, f"--steps-per-round must be >= 1, got {s.steps_per_round}"),
+        (2 <= s.start <= T, f"--from must be between 2 and the model's T = {T} steps, got {s.start}"),
+        (math.isfinite(s.guidance) and s.guidance >= 0, f"--guidance must be a finite number >= 0, got {s.guidance}"),
+        _one_of(s.spacing, SPACINGS, "distill.spacing"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DdpmkitError(message)
+    try:
+        for n in halvings(s.start, s.to):
+            Grids(T, n, s.spacing)  # each teacher grid contains its student's
+    except DdpmkitError as e:
+        raise DdpmkitError(f"--from {s.start} --to {s.to}: {e}") from e
 
 
 def check_sample(s: SampleConfig, T: int) -> None:

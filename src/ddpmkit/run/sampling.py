@@ -16,9 +16,14 @@ from ddpmkit.run.config import RunConfig, SampleConfig, check_sample, sampler_kw
 
 
 def check_guidance(config: RunConfig, guidance: float) -> None:
-    """Guidance other than 1 needs a conditional model trained with label dropout."""
+    """Guidance other than 1 needs a conditional model trained with label dropout (and not distilled)."""
     if guidance == 1.0:
         return
+    if config.distill is not None:
+        raise DdpmkitError(
+            f"this run is a distilled student (its teacher's guidance {config.distill.guidance:g} is folded in "
+            "and its null class was not distilled); sample it with --guidance 1"
+        )
     if not config.data.conditional:
         raise DdpmkitError("--guidance needs a class-conditional model; this run was trained --unconditional")
     if config.data.label_dropout <= 0:

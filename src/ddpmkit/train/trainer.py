@@ -262,10 +262,9 @@ class Trainer:
         cfg, dist = self.config.train, self.dist
         micro, accum = cfg.batch_size, cfg.grad_accum
         idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
-        c, size = self.config.in_channels, self.config.image_size
-        noise = batch_noise(cfg.seed, self.step, (self.global_batch, c, size, size), self.schedule.T, self.device)
+        noise = self.noise_now()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg.lr, cfg.warmup)
+            group["lr"] = self.lr_now()
         total = torch.zeros((), device=self.device)
         for k in range(accum):
             sl = distributed.rank_slice(k, micro, dist)  # this rank's slice of micro-batch k
@@ -277,6 +276,18 @@ class Trainer:
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
         return self._optimizer_step(total)
+
+    def noise_now(self) -> Noise:
+        """(t, eps, u) of this optimizer step's global batch, t ~ U{1..T}."""
+        c, size = self.config.in_channels, self.config.image_size
+        shape = (self.global_batch, c, size, size)
+        return batch_noise(self.config.train.seed, self.step, shape, self.schedule.T, self.device)
+
+    def lr_now(self) -> float:
+        return lr_at(self.step, self.config.train.lr, self.config.train.warmup)
+
+    def ema_decay_now(self) -> float:
+        return ema_decay_at(self.step, self.config.train.ema_decay)
 
     def _micro_batch(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images and labels of this rank's micro-batch k: indexed in memory, or streamed."""
@@ -303,7 +314,7 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
+        ema_update(self.ema, self.model, self.ema_decay_now())
         return loss
 
     def _scaled_step(self, loss: torch.Tensor) -> torch.Tensor:
@@ -313,7 +324,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.get_scale() >= scale:  # the step was taken; after a skipped one the EMA waits too
-            ema_update(self.ema, self.model, ema_decay_at(self.step, self.config.train.ema_decay))
+            ema_update(self.ema, self.model, self.ema_decay_now())
         return loss
 
     # ---- outputs -------------------------------------------------------------------------------
@@ -343,12 +354,14 @@ class Trainer:
                 f"could not write the metrics in {self.run_dir}: {e.strerror or e}; the previous checkpoint is intact"
             ) from e
 
-    def write_grid(self) -> None:
+    def write_grid(self, config: RunConfig | None = None) -> None:
+        """samples/step-N.png with the EMA weights and the sampling settings of `config` (the run's)."""
         if self.dist.rank != 0:
             return
+        config = config or self.config
         (self.run_dir / "samples").mkdir(exist_ok=True)
-        denoiser = build.denoiser(self.config, self.ema, self.schedule)
-        write_grid(self.config, denoiser, self.run_dir / "samples" / f"step-{self.step:08d}.png", device=self.device)
+        denoiser = build.denoiser(config, self.ema, self.schedule)
+        write_grid(config, denoiser, self.run_dir / "samples" / f"step-{self.step:08d}.png", device=self.device)
 
 
 def _enable_grad_checkpointing(model: nn.Module, arch: str) -> None:
