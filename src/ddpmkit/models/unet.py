@@ -43,7 +43,7 @@ class EmbedSequential(nn.Sequential):
 
 
 def validate(c: dict) -> None:
-    """Raise DdpmkitError, in one sentence, for a UNet config that cannot be built."""
+    """Raise DdpmkitError, in one sentence naming the constructor keyword, for a config that cannot be built."""
     for name in (
         "in_channels",
         "image_size",
@@ -52,6 +52,7 @@ def validate(c: dict) -> None:
         "num_heads",
         "groups",
         "timesteps",
+        "init_conv_kernel",
     ):
         require(c[name] >= 1, f"{name} must be a positive integer, got {c[name]}.")
     mults, size, heads = c["channel_mults"], c["image_size"], c["num_heads"]
@@ -68,19 +69,19 @@ def validate(c: dict) -> None:
     factor = 2 ** (len(mults) - 1)
     require(
         size % factor == 0,
-        f"an image size the architecture cannot take: {size} is not divisible by {factor} "
-        f"(the {len(mults)} levels halve it {len(mults) - 1} times).",
+        f"image_size {size} is not divisible by {factor}: the {len(mults)} levels of channel_mults "
+        f"{tuple(mults)} halve it {len(mults) - 1} times.",
     )
     sizes = [size // 2**level for level in range(len(mults))]
     missing = sorted(set(c["attn_resolutions"]) - set(sizes))
-    require(not missing, f"attention resolutions {missing} match no level; the levels are {sizes}.")
+    require(not missing, f"attn_resolutions {missing} match no level; the levels are {sizes}.")
     widths = [c["base_channels"] * m for m in mults]
     require(
         all(w % heads == 0 for w in widths),
-        f"the channel counts {widths} must all be divisible by num_heads={heads}.",
+        f"num_heads {heads} must divide the width of every level, {widths} (base_channels x channel_mults).",
     )
-    check_choice(c["attn_type"], ATTENTION, "attention type")
-    check_choice(c["time_embedding"], TIME_EMBEDDINGS, "time embedding")
+    check_choice(c["attn_type"], ATTENTION, "attn_type")
+    check_choice(c["time_embedding"], TIME_EMBEDDINGS, "time_embedding")
     check_choice(c["downsample"], DOWNSAMPLE, "downsample")
     check_choice(c["upsample"], UPSAMPLE, "upsample")
 

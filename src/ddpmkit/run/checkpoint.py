@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.fileio import atomic_write_text
-from ddpmkit.run.config import RunConfig
+from ddpmkit.run.config import RunConfig, resolve
 
 FORMAT_VERSION = 1
 CKPT_PREFIX = "ckpt-"
@@ -46,7 +46,8 @@ def is_run(run_dir: Path) -> bool:
 
 
 def create_run(run_dir: Path, config: RunConfig) -> Path:
-    """Make a new run directory; refuse if it already holds anything (nothing is modified)."""
+    """Make a new run directory holding config.json, the config with its derived defaults resolved;
+    refuse if the directory already holds anything (nothing is modified)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DdpmkitError(f"{run_dir} exists and is not a directory")
@@ -58,7 +59,7 @@ def create_run(run_dir: Path, config: RunConfig) -> Path:
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", config.to_json())
+        atomic_write_text(run_dir / "config.json", resolve(config).to_json())
     except OSError as e:
         raise DdpmkitError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
     return run_dir
@@ -71,8 +72,8 @@ def load_config(run_dir: Path) -> RunConfig:
             f"{run_dir} is not a ddpmkit run directory (no config.json); train one with `ddpmkit train --out DIR`"
         )
     try:
-        return RunConfig.from_json((run_dir / "config.json").read_text())
-    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return resolve(RunConfig.from_json((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError, ZeroDivisionError) as e:
         raise DdpmkitError(f"{run_dir / 'config.json'} is not a valid ddpmkit config: {e}") from e
 
 

@@ -30,7 +30,7 @@ from ddpmkit.errors import DdpmkitError
 from ddpmkit.fileio import atomic_write_text
 from ddpmkit.progress import TrainingBar
 from ddpmkit.run import build, checkpoint
-from ddpmkit.run.config import RunConfig, SampleConfig
+from ddpmkit.run.config import RunConfig, SampleConfig, resolve
 from ddpmkit.run.sampling import default_labels, generate
 from ddpmkit.train import distributed
 from ddpmkit.train.stream import Stream
@@ -77,7 +77,7 @@ def _epoch_permutation(seed: int, epoch: int, n_data: int) -> torch.Tensor:
 
 def total_steps(config: RunConfig, n_data: int, world_size: int) -> int | None:
     """The run's total optimizer steps from --steps and --epochs (the smaller); None: --minutes alone."""
-    t = config.train
+    t = resolve(config).train
     if t.steps is None and t.epochs is None and t.minutes is None:
         raise DdpmkitError("give a training budget: --steps N, --epochs N or --minutes N")
     if t.epochs is None:
@@ -112,7 +112,9 @@ class Trainer:
     """One small stateful loop. Rank 0 alone writes files and shows the progress bar."""
 
     def __init__(self, config: RunConfig, run_dir: Path, data: ImageData | FolderDataset, device="cpu"):
-        """`data` in memory (ImageData), or a FolderDataset streamed by DataLoader workers."""
+        """`data` in memory (ImageData), or a FolderDataset streamed by DataLoader workers; a config
+        not yet resolved (`run.config.resolve`) gets its derived defaults for its image size."""
+        config = resolve(config)
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         self.device = torch.device(device)
         self.dist = distributed.info()
