@@ -105,8 +105,15 @@ TRAIN_FLAGS = [
     ("--num-heads", "model.num_heads", int, "attention heads (4)"),
     ("--attn-type", "model.attn_type", str, "attention at the levels: full or linear (mid block stays full)"),
     ("--time-embedding", "model.time_embedding", str, "sinusoidal, learned or random_fourier step embedding"),
-    ("--downsample", "model.downsample", str, "conv (4x4 stride 2) or space_to_depth"),
+    ("--downsample", "model.downsample", str, "conv (4x4 stride 2), space_to_depth or conv3 (Ho et al.'s 3x3)"),
     ("--upsample", "model.upsample", str, "transposed (4x4 stride 2) or nearest (+3x3 conv)"),
+    (
+        "--emb-injection",
+        "model.emb_injection",
+        str,
+        "how residual blocks take the step embedding: scale_shift (scales and shifts the normalised "
+        "features; default) or add (added before the norm, as Ho et al.)",
+    ),
     ("--init-conv-kernel", "model.init_conv_kernel", int, "kernel of the first convolution (3; seed 003 uses 7)"),
     ("--mult", "model.mult", int, "ConvNeXt expansion factor m (3)"),
     ("--timesteps", "diffusion.timesteps", int, "number of diffusion steps T (1000)"),

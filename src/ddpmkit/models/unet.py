@@ -7,6 +7,7 @@ from torch.utils.checkpoint import checkpoint
 from ddpmkit.models.layers import (
     ATTENTION,
     DOWNSAMPLE,
+    EMB_INJECTIONS,
     TIME_EMBEDDINGS,
     UPSAMPLE,
     Attention2d,
@@ -83,6 +84,7 @@ def validate(c: dict) -> None:
     check_choice(c["attn_type"], ATTENTION, "attn_type")
     check_choice(c["time_embedding"], TIME_EMBEDDINGS, "time_embedding")
     check_choice(c["downsample"], DOWNSAMPLE, "downsample")
+    check_choice(c["emb_injection"], EMB_INJECTIONS, "emb_injection")
     check_choice(c["upsample"], UPSAMPLE, "upsample")
 
 
@@ -98,8 +100,9 @@ class UNet(nn.Module):
     The embedding is 4 * base_channels wide. Options: self_condition feeds [x_t, x_self_cond];
     learn_sigma outputs [prediction (eps, x0 or v), variance interpolation] along channels;
     final_res_block (lucidrains' layout, with init_conv_kernel=7) adds a ResBlock over
-    [h, init conv features] before the output. Downsample and Upsample keep the channel count;
-    each level's first ResBlock changes it.
+    [h, init conv features] before the output; emb_injection="add" with downsample="conv3" and
+    upsample="nearest" is Ho et al.'s network (see the cifar10-ddpm preset). Downsample and Upsample
+    keep the channel count; each level's first ResBlock changes it.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class UNet(nn.Module):
         init_conv_kernel: int = 3,
         final_res_block: bool = False,
         timesteps: int = 1000,
+        emb_injection: str = "scale_shift",
     ):
         super().__init__()
         self.config = dict(
@@ -146,6 +150,7 @@ class UNet(nn.Module):
             init_conv_kernel=init_conv_kernel,
             final_res_block=final_res_block,
             timesteps=timesteps,
+            emb_injection=emb_injection,
         )
         validate(self.config)
         self._build()
@@ -175,7 +180,8 @@ class UNet(nn.Module):
         )
 
     def _res_block(self, c_in: int, c_out: int) -> ResBlock:
-        return ResBlock(c_in, c_out, self.emb_dim, self.config["dropout"], self.config["groups"])
+        c = self.config
+        return ResBlock(c_in, c_out, self.emb_dim, c["dropout"], c["groups"], c["emb_injection"])
 
     def _stage(self, c_in: int, c_out: int, size: int) -> EmbedSequential:
         """A ResBlock, followed by attention when size is one of attn_resolutions."""

@@ -30,6 +30,7 @@ ARCH_KEYS = {
         "upsample",
         "init_conv_kernel",
         "final_res_block",
+        "emb_injection",
     ),
     "convnext": ("channels", "strides", "mult"),
 }

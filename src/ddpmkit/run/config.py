@@ -47,6 +47,7 @@ class ModelConfig:
     upsample: str = "transposed"
     init_conv_kernel: int = 3
     final_res_block: bool = False
+    emb_injection: str = "scale_shift"  # how ResBlocks take the embedding: scale_shift (FiLM) or add (Ho et al.)
     # convnext
     channels: tuple = (16, 32, 64, 128)
     strides: tuple = (2, 2, 3)

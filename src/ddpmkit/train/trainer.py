@@ -55,9 +55,24 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
 
+def batch_randomness(seed: int, step: int, shape, T: int, device) -> tuple[Noise, torch.Tensor]:
+    """Everything random about the global batch of optimizer step `step`, from one generator seeded
+    by (seed, step), so identical on every rank and after a resume: the noise (t, eps, u), then a
+    coin per image [B] (bool) that --hflip uses to mirror it. Drawn after the noise, the coins leave
+    the noise of every step as it was before flips existed."""
+    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    noise = draw_noise(shape, T, device, generator)
+    return noise, torch.rand(shape[0], generator=generator, device=device) < 0.5
+
+
 def batch_noise(seed: int, step: int, shape, T: int, device) -> Noise:
     """(t, eps, u) for the whole global batch of optimizer step `step`: identical on every rank."""
-    return draw_noise(shape, T, device, torch.Generator(device).manual_seed(seed * 1_000_003 + step))
+    return batch_randomness(seed, step, shape, T, device)[0]
+
+
+def hflip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] mirrored left-right where flips [B] is True (random flips, Ho et al. 2020)."""
+    return torch.where(flips[:, None, None, None], x.flip(-1), x)
 
 
 def batch_indices(seed: int, step: int, n_data: int, global_batch: int) -> torch.Tensor:
@@ -118,6 +133,13 @@ class Trainer:
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         self.device = torch.device(device)
         self.dist = distributed.info()
+        if len(data) < self.global_batch:  # refused before any file is written
+            t = config.train
+            raise DdpmkitError(
+                f"the dataset has {len(data)} images, fewer than one global batch of {self.global_batch} "
+                f"(--batch-size {t.batch_size} x {self.dist.world_size} process(es) x --grad-accum {t.grad_accum}); "
+                "lower --batch-size"
+            )
         self.schedule = build.schedule(config)
         torch.manual_seed(config.train.seed)
         self.model = build.net(config).to(self.device)
@@ -260,7 +282,8 @@ class Trainer:
         micro, accum = cfg.batch_size, cfg.grad_accum
         idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
         c, size = self.config.in_channels, self.config.image_size
-        noise = batch_noise(cfg.seed, self.step, (self.global_batch, c, size, size), self.schedule.T, self.device)
+        shape = (self.global_batch, c, size, size)
+        noise, flips = batch_randomness(cfg.seed, self.step, shape, self.schedule.T, self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg.lr, cfg.warmup)
         total = torch.zeros((), device=self.device)
@@ -269,6 +292,8 @@ class Trainer:
             images, labels = self._micro_batch(idx[sl], k)
             with distributed.no_sync(self.net, last=k == accum - 1), autocast(self.device, cfg.precision):
                 x0 = to_model_range(images.to(self.device, non_blocking=True))
+                if self.config.data.hflip:
+                    x0 = hflip(x0, flips[sl])
                 y = labels.to(self.device) if self.config.data.conditional else None
                 loss = self.loss(self.denoiser, x0, y, Noise(*(z[sl] for z in noise))).mean()
                 self.scaler.scale(loss / accum).backward()
