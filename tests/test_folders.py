@@ -1,6 +1,7 @@
 """What real image folders contain (issue #12, point 7): each case is handled correctly or gets one
 plain note or one-line error, through the library and through `ddpmkit train`."""
 
+import json
 import os
 import struct
 import zlib
@@ -267,3 +268,26 @@ def test_the_many_files_benchmark_measures_both_paths(tmp_path):
     assert memory["images"] == stream["images"] == 30 and memory["notes"] == []
     assert memory["tensor_mib"] * 2**20 == 30 * 3 * 4 * 4 and "decode_s" not in stream
     assert memory["peak_rss_mib"] >= memory["idle_rss_mib"] > 0
+
+
+# ---- the real folder: 3,781 Noto emoji (RGBA PNGs) in 9 class folders and a README.md ----------------
+
+EMOJI = Path(os.environ.get("DDPMKIT_EMOJI_DIR", Path(__file__).resolve().parents[2] / "shared/data/emoji-noto"))
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason=f"{EMOJI} does not exist (set DDPMKIT_EMOJI_DIR)")
+def test_the_real_emoji_folder_trains_with_one_plain_note(tmp_path, capfd):
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", str(EMOJI), "--image-size", "16", *TINY, "--steps", "1"]
+    assert main([*args, "--stream", "--workers", "0", "--background", "black", "--out", str(run)]) == 0
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("ddpmkit train: note: Ignored 1 file(s)"), notes
+    assert notes[0].endswith("README.md.")
+    config = checkpoint.load_config(run)
+    assert config.num_classes == 9 and config.in_channels == 3 and config.class_names[0] == "activities"
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    one = tmp_path / "one"
+    one.mkdir()
+    os.symlink(EMOJI / "smileys-and-emotion" / "1f600.png", one / "grinning.png")  # U+1F600 grinning face
+    face, _ = open_folder_dataset(one, 16, background=(0, 0, 0))[0]
+    assert torch.all(face[:, 0, 0] == 0) and face.float().mean() > 40  # a transparent corner on black; the face

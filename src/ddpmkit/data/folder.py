@@ -334,17 +334,21 @@ def load_folder(
 
 
 def decode_all(dataset: FolderDataset, root: Path) -> ImageData:
-    """Every image of a scanned folder decoded into memory; those that fail are skipped and noted."""
-    images, labels, bad = [], [], []
-    for i, (path, label) in enumerate(zip(dataset.files, dataset.labels, strict=True)):
+    """Every image of a scanned folder decoded into one uint8 tensor (filled in place: the peak memory
+    is the tensor, not a list of images and a stacked copy); those that fail are skipped and noted."""
+    info = dataset.info
+    images = torch.empty((len(dataset), info.channels, info.image_size, info.image_size), dtype=torch.uint8)
+    good, bad = [], []
+    for i, path in enumerate(dataset.files):
         try:
-            images.append(dataset.decode(i))
-            labels.append(label)
+            images[len(good)] = dataset.decode(i)
+            good.append(i)
         except _BadImage as error:
             if dataset.strict:
                 raise DdpmkitError(f"Cannot read image {path} (strict mode): {error}; fix or remove it.") from error
             bad.append(f"{Path(path).relative_to(root)} ({error})")
     _note(f"Skipped {len(bad)} unreadable image(s) under {root}", bad)
-    if not images:
+    if not good:
         raise DdpmkitError(f"None of the images under {root} could be decoded.")
-    return ImageData(torch.stack(images), torch.tensor(labels, dtype=torch.long), dataset.info)
+    labels = torch.tensor([dataset.labels[i] for i in good], dtype=torch.long)
+    return ImageData(images[: len(good)] if bad else images, labels, info)

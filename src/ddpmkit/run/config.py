@@ -214,9 +214,8 @@ def default_attn_resolutions(image_size: int, channel_mults: tuple[int, ...]) ->
 
 
 def default_batch_size(image_size: int) -> int:
-    """64 (measured at 28x28: bench/recipe.py) up to 64x64, whose training step peaks at 2.4 GiB
-    in fp32 on a CPU; larger images get fewer, so a batch holds the pixels of 64 at 64x64 (128x128:
-    16), and never fewer than 8."""
+    """64 (measured at 28x28: bench/recipe.py) up to 64x64; larger images get fewer, so that a batch
+    holds no more pixels (and activations) than 64 images of 64x64 (128x128: 16), and never fewer than 8."""
     return max(8, min(64, 64 * 64**2 // image_size**2))
 
 
