@@ -103,6 +103,8 @@ def train_argv(ctx, *flags, out=None):
         "--data-dir",
         ctx["mnist"],
         *TINY_MODEL,
+        "--batch-size",
+        8,
         "--steps",
         3,
         "--no-progress",

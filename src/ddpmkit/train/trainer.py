@@ -133,16 +133,16 @@ class Trainer:
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         self.device = torch.device(device)
         self.dist = distributed.info()
-        if len(data) < self.global_batch:  # refused before any file is written
+        self.schedule = build.schedule(config)
+        torch.manual_seed(config.train.seed)
+        self.model = build.net(config).to(self.device)
+        if len(data) < self.global_batch:  # refused before any file is written (after the model's own checks)
             t = config.train
             raise DdpmkitError(
                 f"the dataset has {len(data)} images, fewer than one global batch of {self.global_batch} "
                 f"(--batch-size {t.batch_size} x {self.dist.world_size} process(es) x --grad-accum {t.grad_accum}); "
                 "lower --batch-size"
             )
-        self.schedule = build.schedule(config)
-        torch.manual_seed(config.train.seed)
-        self.model = build.net(config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if config.train.grad_checkpointing:
             _enable_grad_checkpointing(self.model, config.model.arch)
