@@ -36,9 +36,9 @@ class ModelConfig:
     arch: str = "unet"  # "unet" (seed 002) or "convnext" (seed 001)
     # unet
     base_channels: int = 32
-    channel_mults: tuple | None = None  # None = derived from the image size (28x28: 1, 2, 2)
+    channel_mults: tuple[int, ...] | None = None  # None = derived from the image size (28x28: 1, 2, 2)
     num_res_blocks: int = 1
-    attn_resolutions: tuple | None = None  # None = the lowest level (28x28: 7); () = none
+    attn_resolutions: tuple[int, ...] | None = None  # None = the lowest level (28x28: 7); () = none
     dropout: float = 0.0
     num_heads: int = 4
     attn_type: str = "full"
@@ -76,7 +76,7 @@ class DataConfig:
     stream: bool = False  # folder datasets: decode in DataLoader workers instead of loading into memory
     workers: int | None = None  # DataLoader worker processes when streaming; None = min(4, CPUs)
     fit: str = "crop"  # folder images of another shape: "crop" (shorter side, centre crop) or "pad" (letterbox)
-    background: tuple = (255, 255, 255)  # folder images: the colour under transparent pixels and pad's bars
+    background: tuple[int, ...] = (255, 255, 255)  # folder images: the colour under transparent pixels and pad's bars
     hflip: bool = False  # random horizontal flips in training (Ho et al. on CIFAR-10); off where flips change meaning
 
 
