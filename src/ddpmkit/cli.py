@@ -362,7 +362,10 @@ def cmd_train(args) -> int:
     else:
         config = apply_overrides(RunConfig(preset=args.preset), PRESETS.get(args.preset, {}))
         config = apply_overrides(config, given)
-    validate(config)
+    try:
+        validate(config)
+    except DdpmkitError as error:
+        raise DdpmkitError(_with_flag_names(str(error))) from error
     requested = _device(args.device)
     dist = distributed.setup(cuda=requested.startswith("cuda"))
     try:
@@ -395,11 +398,13 @@ def _flageither() -> dict:
 
 
 def _with_flag_names(message: str) -> str:
-    """A model's message with each constructor keyword that is a train flag written as the flag."""
-    flags = {dest.split(".")[1]: flag for dest, flag in _flageither().items() if dest.startswith("model.")}
+    """A message about the config or the network with each field written as the flag that sets it:
+    `model.num_heads` (a config field) and `num_heads` (a network keyword) both become --num-heads."""
+    flags = {dest: flag for dest, flag in _flageither().items()}
+    flags |= {dest.split(".")[1]: flag for dest, flag in _flageither().items() if dest.startswith("model.")}
     flags |= {"image_size": "--image-size", "timesteps": "--timesteps"}
-    names = "|".join(sorted(flags, key=len, reverse=True))
-    return re.sub(rf"(?<![\w-])({names})(?![\w-])", lambda match: flags[match.group(1)], message)
+    names = "|".join(re.escape(name) for name in sorted(flags, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.-])({names})(?![\w-])", lambda match: flags[match.group(1)], message)
 
 
 def _labelled(data) -> bool:
