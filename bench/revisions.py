@@ -44,9 +44,10 @@ def worktree(revision: str) -> tuple[str, Path]:
 def default_model() -> dict:
     """The default U-Net's keywords (this tree's defaults; every revision builds the same model)."""
     from ddpmkit.run.build import ARCH_KEYS
-    from ddpmkit.run.config import ModelConfig
+    from ddpmkit.run.config import RunConfig, resolve
 
-    return {k: getattr(ModelConfig(), k) for k in ARCH_KEYS["unet"]}
+    # resolved at 28x28: older trees do not know that None means "derive from the image size"
+    return {k: getattr(resolve(RunConfig()).model, k) for k in ARCH_KEYS["unet"]}
 
 
 def measure(tree: Path, model: dict, precision: str, threads: int) -> dict:

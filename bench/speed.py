@@ -70,10 +70,10 @@ def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple) ->
     """The unconditional ddpmkit UNet closest in parameters to `target`: base_channels (multiples of
     4) and num_res_blocks with the reference's width multipliers, or, if none is within 5%, with
     ddpmkit's default multipliers, then (1, 2, 3). Attention stays where the reference has full attention."""
-    from ddpmkit.run.config import ModelConfig
+    from ddpmkit.run.config import RunConfig, resolve
 
     best = None
-    for mults in (tuple(channel_mults), tuple(ModelConfig().channel_mults), (1, 2, 3)):
+    for mults in (tuple(channel_mults), resolve(RunConfig()).model.channel_mults, (1, 2, 3)):
         for blocks in (1, 2, 3):
             for base in range(16, 132, 4):  # the count grows with base: stop once past the target
                 model = {
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     import _refs
 
     from ddpmkit.run.build import ARCH_KEYS
-    from ddpmkit.run.config import ModelConfig
+    from ddpmkit.run.config import RunConfig, resolve
 
     sizes = QUICK if args.quick else FULL
     if args.batch:
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         else:
             skipped[ref] = why
             print(f"skipping {ref}: {why}", file=sys.stderr)
-    default_model = {k: getattr(ModelConfig(), k) for k in ARCH_KEYS["unet"]}
+    default_model = {k: getattr(resolve(RunConfig()).model, k) for k in ARCH_KEYS["unet"]}  # at 28x28
     command = "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
         "date": datetime.date.today().isoformat(),

@@ -37,17 +37,17 @@ def worker(variant: str, threads: int) -> dict:
     import speed
 
     from ddpmkit.run.build import ARCH_KEYS
-    from ddpmkit.run.config import ModelConfig
+    from ddpmkit.run.config import RunConfig, resolve
     from ddpmkit.train import Trainer
 
     torch.set_num_threads(threads)
-    model = {k: getattr(ModelConfig(), k) for k in ARCH_KEYS["unet"]}
+    model = {k: getattr(resolve(RunConfig()).model, k) for k in ARCH_KEYS["unet"]}  # the defaults at 28x28
     config = speed.ddpmkit_config(model, True, "auto", FULL, compile=variant == "compile")
     if variant == "l_simple":  # the loss weighting's cost: the default's min-SNR weights are a few ops on [B]
         config.diffusion.min_snr_gamma = None
     trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", speed.synthetic_data(256))
     if variant == "foreach":
-        trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=config.train.lr, foreach=True)
+        trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=trainer.config.train.lr, foreach=True)
     if variant == "channels_last":
         trainer.model.to(memory_format=torch.channels_last)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.run import checkpoint
 from ddpmkit.run.build import net as build_net
-from ddpmkit.run.config import RunConfig, apply_overrides
+from ddpmkit.run.config import RunConfig, apply_overrides, resolve
 
 FILES = {"ema.safetensors", "model.safetensors", "train_state.pt", "state.json"}
 
@@ -149,7 +149,7 @@ def test_create_run_never_clobbers_but_accepts_a_killed_create(tmp_path):
     run.mkdir()
     (run / ".config.json.77.0badcafe.tmp").write_text("{")  # a create_run killed mid-write
     checkpoint.create_run(run, config)
-    assert checkpoint.load_config(run) == config
+    assert checkpoint.load_config(run) == resolve(config)  # saved with its derived defaults
     before = snapshot(run)
     with pytest.raises(DdpmkitError, match="already holds a run; add --resume"):
         checkpoint.create_run(run, apply_overrides(config, {"train": {"lr": 0.5}}))

@@ -103,6 +103,8 @@ def train_argv(ctx, *flags, out=None):
         "--data-dir",
         ctx["mnist"],
         *TINY_MODEL,
+        "--batch-size",
+        8,
         "--steps",
         3,
         "--no-progress",
@@ -149,7 +151,7 @@ TRAIN_CASES = {
     "keep zero": (lambda c: train_argv(c, "--keep", 0), "--keep must be >= 1"),
     "four levels at 28x28": (
         lambda c: train_argv(c, "--channel-mults", "1,2,2,2"),
-        "28 is not divisible by 8 (the 4 levels halve it 3 times)",
+        "--image-size 28 is not divisible by 8: the 4 levels of --channel-mults (1, 2, 2, 2) halve it 3 times",
     ),
     "folder at 30x30 for 3 levels": (
         lambda c: train_argv(
@@ -170,7 +172,7 @@ TRAIN_CASES = {
     ),
     "attention at a size no level has": (
         lambda c: train_argv(c, "--attn-resolutions", 5),
-        "attention resolutions [5] match no level; the levels are [28, 14]",
+        "--attn-resolutions [5] match no level; the levels are [28, 14]",
     ),
     "missing data dir": (lambda c: train_argv(c, "--data-dir", c["root"] / "nowhere"), "nowhere"),
     "corrupt dataset file": (lambda c: train_argv(c, "--data-dir", c["corrupt"]), "is truncated"),

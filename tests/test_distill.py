@@ -150,15 +150,15 @@ def test_rounds_halve_the_steps_down_to_to_and_hand_the_student_over(tmp_path, m
     distiller = start_distiller(config, tmp_path / "student", teacher_weights)
     assert distiller.counts == [8, 4, 2] and distiller.total == 6
     seen, teachers = [], []
-    real_noise = Distiller.noise_now
+    real_randomness = Distiller.randomness_now
 
-    def recording_noise(self):
-        noise = real_noise(self)
+    def recording_randomness(self):
+        noise, flips = real_randomness(self)
         seen.append((self.step, sorted(set(noise.t.tolist()))))
         teachers.append({k: v.clone() for k, v in self.teacher.net.state_dict().items()})
-        return noise
+        return noise, flips
 
-    monkeypatch.setattr(Distiller, "noise_now", recording_noise)
+    monkeypatch.setattr(Distiller, "randomness_now", recording_randomness)
     assert distiller.fit(progress=False) == 6
     for step, steps in seen:  # every t drawn lies on the grid of the student of its round
         n = [8, 4, 2][step // 2]

@@ -138,6 +138,22 @@ def test_resblock_matches_its_equations():
     torch.testing.assert_close(block(x, emb), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_resblock_with_added_embedding_is_ho_et_al_block():
+    """h = conv1(SiLU(GN(x))) + Linear(SiLU(emb)); out = skip(x) + conv2(SiLU(GN(h)))  (their resnet_block)."""
+    block = perturb(ResBlock(4, 6, emb_dim=5, groups=2, emb_injection="add")).eval()
+    x, emb = torch.randn(2, 4, 6, 6), torch.randn(2, 5)
+    gn1, conv1 = block.in_layers[0], block.in_layers[2]
+    gn2, conv2 = block.out_norm, block.out_layers[2]
+    lin, skip = block.emb_proj[1], block.skip
+    assert lin.out_features == 6  # one value per channel, not a (scale, shift) pair
+    h = F.conv2d(F.silu(manual_group_norm(x, 2, gn1.weight, gn1.bias, 1e-5)), conv1.weight, conv1.bias, padding=1)
+    h = h + F.linear(F.silu(emb), lin.weight, lin.bias)[:, :, None, None]
+    out = F.conv2d(F.silu(manual_group_norm(h, 2, gn2.weight, gn2.bias, 1e-5)), conv2.weight, conv2.bias, padding=1)
+    torch.testing.assert_close(block(x, emb), F.conv2d(x, skip.weight, skip.bias) + out, atol=1e-4, rtol=1e-4)
+    with pytest.raises(DdpmkitError, match="emb_injection"):
+        ResBlock(4, 6, emb_dim=5, emb_injection="concat")
+
+
 def test_resblock_embedding_survives_one_channel_groups():
     """With one channel per group, an embedding added before GroupNorm would be normalised away."""
     block = perturb(ResBlock(4, 4, emb_dim=5, groups=4)).eval()
@@ -209,9 +225,24 @@ def test_attention_rejects_bad_heads_and_kinds():
         Attention2d(8, kind="sparse")
 
 
-@pytest.mark.parametrize("kind", ["conv", "space_to_depth"])
+@pytest.mark.parametrize("kind", ["conv", "space_to_depth", "conv3"])
 def test_downsample_halves_the_size(kind):
     assert Downsample(4, 6, kind)(torch.randn(2, 4, 8, 8)).shape == (2, 6, 4, 4)
+
+
+def test_conv3_downsample_pads_as_tensorflow_same():
+    """3x3, stride 2 on an even size: TensorFlow's SAME pads one zero row and column after, none before,
+    so output pixel (i, j) sees input rows and columns 2i .. 2i + 2."""
+    down = perturb(Downsample(2, 3, "conv3"))
+    conv = down[1]
+    x = torch.randn(1, 2, 6, 6)
+    out = down(x)
+    padded = F.pad(x, (0, 1, 0, 1))
+    for i, j in [(0, 0), (1, 2), (2, 2)]:
+        window = padded[0, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3]
+        expected = (conv.weight * window).sum((1, 2, 3)) + conv.bias
+        torch.testing.assert_close(out[0, :, i, j], expected, atol=1e-5, rtol=1e-5)
+    assert out.shape == (1, 3, 3, 3)
 
 
 def test_space_to_depth_is_pixel_unshuffle_then_1x1_conv():

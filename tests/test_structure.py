@@ -16,7 +16,7 @@ SRC = Path(ddpmkit.__file__).parent
 
 # lowest first; a module may import modules of its own layer or of the layers before it
 LAYERS = [
-    ("foundation", ["ddpmkit", "ddpmkit.errors", "ddpmkit.fileio", "ddpmkit.progress"]),
+    ("foundation", ["ddpmkit", "ddpmkit.errors", "ddpmkit.fileio", "ddpmkit.notes", "ddpmkit.progress"]),
     ("core", ["ddpmkit.core"]),
     ("models", ["ddpmkit.models"]),
     ("data", ["ddpmkit.data"]),

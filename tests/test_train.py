@@ -9,7 +9,8 @@ from ddpmkit.core.losses import Noise
 from ddpmkit.data import DatasetInfo, ImageData, to_model_range
 from ddpmkit.run import build, checkpoint
 from ddpmkit.run.config import RunConfig, apply_overrides
-from ddpmkit.train.trainer import Trainer, batch_indices, batch_noise, ema_update, lr_at
+from ddpmkit.train import trainer as trainer_module
+from ddpmkit.train.trainer import Trainer, batch_indices, batch_noise, batch_randomness, ema_update, hflip, lr_at
 
 
 def tiny_config(**train):
@@ -146,3 +147,54 @@ def test_run_directory_contents(tiny_mnist, tmp_path):
     assert (run / "metrics.jsonl").read_text().count("\n") >= 1 and (run / "loss.png").is_file()
     assert (run / "samples" / "step-00000003.png").is_file() and (run / "samples" / "step-00000006.png").is_file()
     assert not list(run.glob(".tmp*")) and not list(run.glob(".*.tmp"))
+
+
+# ---- random horizontal flips (--hflip) ------------------------------------------------------------
+
+
+def asymmetric_data(n=16):
+    """n 8x8 images bright on their left half only (a flip moves the light to the right)."""
+    images = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    images[:, :, :, :4] = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1) * 8 + 100
+    return ImageData(images, torch.arange(n) % 4, DatasetInfo("tiny", 1, 8, 4, ("a", "b", "c", "d")))
+
+
+def test_hflip_mirrors_exactly_the_images_whose_coin_says_so():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    out = hflip(x, torch.tensor([True, False]))
+    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_hflip_flips_each_example_by_the_steps_seeded_coins(tmp_path, flip):
+    config, data = tiny_config(batch_size=8), asymmetric_data()
+    config.data.hflip = flip
+    trainer = Trainer(config, tmp_path, data, "cpu")
+    seen = []
+    loss = trainer.loss
+    trainer.loss = lambda denoiser, x0, y, noise: seen.append(x0.detach().clone()) or loss(denoiser, x0, y, noise)
+    for step in range(3):
+        trainer.train_step()
+        idx = batch_indices(config.train.seed, step, len(data), 8)
+        noise, coins = batch_randomness(config.train.seed, step, (8, 1, 8, 8), trainer.schedule.T, "cpu")
+        expected = to_model_range(data.images[idx])
+        assert torch.equal(seen[step], hflip(expected, coins) if flip else expected)
+        assert torch.equal(noise.eps, batch_noise(config.train.seed, step, (8, 1, 8, 8), 100, "cpu").eps)
+        trainer.step += 1
+    coins = torch.cat([batch_randomness(0, s, (8, 1, 8, 8), 100, "cpu")[1] for s in range(3)])
+    assert 0 < int(coins.sum()) < len(coins)  # both kinds of example occurred
+
+
+def test_hflip_runs_resume_bit_identically(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module.viz, "loss_curve", lambda metrics, path: None)  # matplotlib: slow
+    config, data = tiny_config(batch_size=8, checkpoint_every=2), asymmetric_data()
+    config.data.hflip = True
+    for name in ("straight", "resumed"):
+        checkpoint.create_run(tmp_path / name, config)
+    Trainer(config, tmp_path / "straight", data).fit(4, progress=False)
+    Trainer(config, tmp_path / "resumed", data).fit(2, progress=False)
+    again = Trainer(checkpoint.load_config(tmp_path / "resumed"), tmp_path / "resumed", data)
+    again.resume()
+    again.fit(4, progress=False)
+    weights = [checkpoint.latest_checkpoint(tmp_path / name) / "model.safetensors" for name in ("straight", "resumed")]
+    assert weights[0].read_bytes() == weights[1].read_bytes()

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from ddpmkit.cli import main
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.run import build, checkpoint, load, weights
-from ddpmkit.run.config import RunConfig, apply_overrides, validate
+from ddpmkit.run.config import RunConfig, apply_overrides, resolve, validate
 from ddpmkit.run.presets import PRESETS
 
 PEAK_LIMIT_KIB = 1 << 20  # 1 GiB: importing torch and ddpmkit takes about a quarter of it
@@ -560,16 +560,16 @@ def test_every_preset_passes_the_limits(tmp_path):
     for i, name in enumerate(sorted(PRESETS)):
         config = apply_overrides(RunConfig(preset=name), PRESETS[name])
         checkpoint.create_run(tmp_path / str(i), config)
-        assert checkpoint.load_config(tmp_path / str(i)) == config
+        assert checkpoint.load_config(tmp_path / str(i)) == resolve(config)  # with its derived defaults
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--timesteps", "20000"], "diffusion.timesteps must be at most 10,000, got 20,000"),
-        (["--base-channels", "2048"], "model.base_channels must be at most 1,024"),
-        (["--channel-mults", "1,2,2,2,2,2,2,2,2"], "model.channel_mults must have 1 to 8 entries, got 9"),
-        (["--seed", "-1"], "train.seed must be at least 0, got -1"),
+        (["--timesteps", "20000"], "--timesteps must be at most 10,000, got 20,000"),
+        (["--base-channels", "2048"], "--base-channels must be at most 1,024"),
+        (["--channel-mults", "1,2,2,2,2,2,2,2,2"], "--channel-mults must have 1 to 8 entries, got 9"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
     ],
 )
 def test_train_flags_past_a_limit_are_refused_before_anything_starts(tmp_path, flags, message):

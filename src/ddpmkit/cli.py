@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,10 +21,11 @@ from ddpmkit.core.diffusion import OBJECTIVES
 from ddpmkit.core.precision import PRECISIONS
 from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS
 from ddpmkit.core.schedules import SCHEDULES, SPACINGS
-from ddpmkit.data import DATASETS
+from ddpmkit.data import DATASETS, FITS
 from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.fileio import atomic_write
 from ddpmkit.models import ARCHITECTURES
+from ddpmkit.notes import notes_to
 from ddpmkit.run import checkpoint
 from ddpmkit.run.config import (
     DDPM_VARIANCES,
@@ -44,12 +47,40 @@ _ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa
 _ints.__name__ = "comma-separated integers"
 _gamma_or_off = lambda text: None if text.strip().lower() == "off" else float(text)  # noqa: E731
 _gamma_or_off.__name__ = "number or off"
+COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def _colour(text: str) -> tuple[int, int, int]:
+    """white, black or R,G,B (integers in 0..255)."""
+    if text.strip().lower() in COLOURS:
+        return COLOURS[text.strip().lower()]
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise ValueError(text)
+    return values
+
+
+_colour.__name__ = "colour (white, black or R,G,B in 0..255)"
 
 
 TRAIN_FLAGS = [
     ("--dataset", "data.dataset", str, f"{either(DATASETS)} (default fashion-mnist)"),
     ("--data-dir", "data.data_dir", str, "where the dataset files are (else the usual places, else download)"),
     ("--image-size", "data.image_size", int, "resize images to this size (folder datasets)"),
+    (
+        "--fit",
+        "data.fit",
+        str,
+        f"{either(FITS)}: how folder images of another shape become square: crop = resize the shorter "
+        "side and centre-crop, as the reference implementations do (crop); pad = resize the longer side "
+        "and letterbox on --background",
+    ),
+    (
+        "--background",
+        "data.background",
+        _colour,
+        "the colour under transparent pixels of folder images (and --fit pad's bars): white, black or R,G,B (white)",
+    ),
     ("--label-dropout", "data.label_dropout", float, "probability of training a label as the null class (0.1)"),
     (
         "--arch",
@@ -58,15 +89,33 @@ TRAIN_FLAGS = [
         f"{either(ARCHITECTURES)}: the seed-002 DDPM U-Net or the seed-001 notebook's (unet)",
     ),
     ("--base-channels", "model.base_channels", int, "U-Net width at the first level (32)"),
-    ("--channel-mults", "model.channel_mults", _ints, "width multipliers per level, e.g. 1,2,2"),
+    (
+        "--channel-mults",
+        "model.channel_mults",
+        _ints,
+        "width multipliers per level (default: 1,2,2,... with a level per halving down to 7 or 8 "
+        "pixels: 1,2,2 at 28x28 and 32x32, 1,2,2,2 at 64x64)",
+    ),
     ("--num-res-blocks", "model.num_res_blocks", int, "residual blocks per level (1)"),
-    ("--attn-resolutions", "model.attn_resolutions", _ints, "feature-map sizes with self-attention, e.g. 7"),
+    (
+        "--attn-resolutions",
+        "model.attn_resolutions",
+        _ints,
+        "feature-map sizes with self-attention, e.g. 7 (default: the lowest level; '' = none)",
+    ),
     ("--dropout", "model.dropout", float, "dropout in residual blocks (0)"),
     ("--num-heads", "model.num_heads", int, "attention heads (4)"),
     ("--attn-type", "model.attn_type", str, "attention at the levels: full or linear (mid block stays full)"),
     ("--time-embedding", "model.time_embedding", str, "sinusoidal, learned or random_fourier step embedding"),
-    ("--downsample", "model.downsample", str, "conv (4x4 stride 2) or space_to_depth"),
+    ("--downsample", "model.downsample", str, "conv (4x4 stride 2), space_to_depth or conv3 (Ho et al.'s 3x3)"),
     ("--upsample", "model.upsample", str, "transposed (4x4 stride 2) or nearest (+3x3 conv)"),
+    (
+        "--emb-injection",
+        "model.emb_injection",
+        str,
+        "how residual blocks take the step embedding: scale_shift (scales and shifts the normalised "
+        "features; default) or add (added before the norm, as Ho et al.)",
+    ),
     ("--init-conv-kernel", "model.init_conv_kernel", int, "kernel of the first convolution (3; seed 003 uses 7)"),
     ("--mult", "model.mult", int, "ConvNeXt expansion factor m (3)"),
     ("--timesteps", "diffusion.timesteps", int, "number of diffusion steps T (1000)"),
@@ -85,13 +134,13 @@ TRAIN_FLAGS = [
         "--batch-size",
         "train.batch_size",
         int,
-        "images per micro-batch and process (64); the effective batch "
+        "images per micro-batch and process (64 up to 64x64 images, fewer above); the effective batch "
         "of one optimizer step is batch-size x processes x grad-accum",
     ),
     ("--grad-accum", "train.grad_accum", int, "micro-batches accumulated per optimizer step (1)"),
     ("--workers", "data.workers", int, "DataLoader processes decoding images when streaming (min(4, CPUs))"),
     ("--optimizer", "train.optimizer", str, f"{either(OPTIMIZERS)} (adamw)"),
-    ("--lr", "train.lr", float, "peak learning rate (1e-3)"),
+    ("--lr", "train.lr", float, "peak learning rate (1e-3 at every image size so far)"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay (0)"),
     ("--warmup", "train.warmup", int, "linear learning-rate warm-up steps (200)"),
     ("--grad-clip", "train.grad_clip", float, "clip the gradient norm to this (1.0; 0 = off)"),
@@ -150,6 +199,11 @@ SAMPLER_OPTION_FLAGS = {
 # boolean switches: flag -> (section.field, value when given, help)
 BOOL_FLAGS = {
     "--unconditional": ("data.conditional", False, "train without class labels"),
+    "--hflip": (
+        "data.hflip",
+        True,
+        "random horizontal flips in training (off by default: flips mirror text, flags and digits)",
+    ),
     "--self-condition": ("model.self_condition", True, "self-conditioning on the previous x0 estimate"),
     "--final-res-block": ("model.final_res_block", True, "seed 003: a last residual block on [x, first features]"),
     "--learn-sigma": ("diffusion.learn_sigma", True, "learn the reverse variances (L_simple + 0.001 L_vlb)"),
@@ -371,7 +425,10 @@ def cmd_train(args) -> int:
     else:
         config = apply_overrides(RunConfig(preset=args.preset), PRESETS.get(args.preset, {}))
         config = apply_overrides(config, given)
-    validate(config)
+    try:
+        validate(config)
+    except DdpmkitError as error:
+        raise DdpmkitError(_with_flag_names(str(error))) from error
     if args.resume:  # a run directory may come from someone else: its checkpoint is checked before anything is built
         load.check_resume(run_dir, config)
     requested = _device(args.device)
@@ -382,7 +439,10 @@ def cmd_train(args) -> int:
         config = with_dataset(config, data.info, labelled=_labelled(data))
         # a missing budget or an architecture that cannot be built fails before --out is created
         total = total_steps(config, len(data), dist.world_size)
-        trainer = Trainer(config, run_dir, data, device)
+        try:
+            trainer = Trainer(config, run_dir, data, device)
+        except DdpmkitError as error:  # the network names its keywords (num_heads); the user typed flags
+            raise DdpmkitError(_with_flag_names(str(error))) from error
         if not args.resume:
             distributed.on_rank_zero(lambda: checkpoint.create_run(run_dir, config), device)
         else:
@@ -400,6 +460,16 @@ def cmd_train(args) -> int:
 def _flageither() -> dict:
     """config field -> its flag, for messages."""
     return {dest: f for f, dest, _, _ in TRAIN_FLAGS} | {dest: f for f, (dest, _, _) in BOOL_FLAGS.items()}
+
+
+def _with_flag_names(message: str) -> str:
+    """A message about the config or the network with each field written as the flag that sets it:
+    `model.num_heads` (a config field) and `num_heads` (a network keyword) both become --num-heads."""
+    flags = {dest: flag for dest, flag in _flageither().items()}
+    flags |= {dest.split(".")[1]: flag for dest, flag in _flageither().items() if dest.startswith("model.")}
+    flags |= {"image_size": "--image-size", "timesteps": "--timesteps"}
+    names = "|".join(re.escape(name) for name in sorted(flags, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.-])({names})(?![\w-])", lambda match: flags[match.group(1)], message)
 
 
 def _labelled(data) -> bool:
@@ -630,7 +700,6 @@ def _eval_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     import json
-    import os
     import time
 
     from ddpmkit.eval import report as evaluate
@@ -681,6 +750,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _print_note(command: str, message: str) -> None:
+    """A library note as one line on stderr; under torchrun only rank 0's (every rank makes the same)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ddpmkit {command}: note: {message}", file=sys.stderr)
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -696,7 +771,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # `train --nproc N` runs itself again under torchrun
     try:
-        return COMMANDS[args.command](args)
+        with notes_to(lambda message: _print_note(args.command, message)):
+            return COMMANDS[args.command](args)
     except DdpmkitError as e:
         print(f"ddpmkit {args.command}: error: {e}", file=sys.stderr)
         return 2

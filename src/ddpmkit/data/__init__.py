@@ -11,12 +11,13 @@ download    finding dataset files; resumable, checksummed downloads
 from ddpmkit.core.pixels import to_model_range, to_uint8
 from ddpmkit.data.cifar import CIFAR10_CLASSES, safe_unpickle
 from ddpmkit.data.datasets import DATASETS, FASHION_CLASSES, load_dataset
-from ddpmkit.data.folder import IN_MEMORY_MAX_BYTES, FolderDataset, open_folder_dataset
+from ddpmkit.data.folder import FITS, IN_MEMORY_MAX_BYTES, FolderDataset, open_folder_dataset
 from ddpmkit.data.imagedata import DatasetInfo, ImageData, resize_center_crop
 
 __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
+    "FITS",
     "FASHION_CLASSES",
     "IN_MEMORY_MAX_BYTES",
     "DatasetInfo",

@@ -17,7 +17,7 @@ import torch
 
 from ddpmkit.data.cifar import CIFAR10, load_cifar10
 from ddpmkit.data.download import find_dataset_files
-from ddpmkit.data.folder import load_folder
+from ddpmkit.data.folder import WHITE, load_folder
 from ddpmkit.data.idx import read_idx
 from ddpmkit.data.imagedata import DatasetInfo, ImageData, check_image_size, resize_center_crop
 from ddpmkit.errors import DdpmkitError
@@ -78,6 +78,8 @@ def load_dataset(
     channels: int | None = None,
     strict: bool = False,
     progress: bool = True,
+    fit: str = "crop",
+    background: tuple[int, int, int] = WHITE,
 ) -> ImageData:
     """Load a dataset into memory as uint8 images and long labels.
 
@@ -87,6 +89,8 @@ def load_dataset(
     ``download``: fetch missing files of named datasets into the user cache (SHA-256 checked).
     ``channels``: 1 or 3 for "folder" (default: 1 only when every image is grayscale).
     ``strict``: for "folder", refuse unreadable images instead of skipping them.
+    ``fit``, ``background``: for "folder", how other shapes become square ("crop" or "pad") and the
+    colour under transparent pixels (see ``ddpmkit.data.folder``).
     """
     if name not in DATASETS:
         raise DdpmkitError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}.")
@@ -94,7 +98,7 @@ def load_dataset(
         raise DdpmkitError(f"Unknown split {split!r}; choose 'train' or 'test'.")
     check_image_size(image_size)
     if name == "folder":
-        return load_folder(data_dir, split, image_size, channels, strict)
+        return load_folder(data_dir, split, image_size, channels, strict, fit=fit, background=background)
     if channels not in (None, DATASETS[name].channels):
         raise DdpmkitError(f"{name} has {DATASETS[name].channels} channel(s); leave channels unset for it.")
     paths = _locate(name, split, data_dir, download, progress)

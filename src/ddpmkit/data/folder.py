@@ -1,23 +1,43 @@
-"""Folders of images: scanning, decoding (any mode, size or format Pillow reads), streaming."""
+"""Folders of images: scanning, decoding (any mode, size or format Pillow reads), streaming.
+
+What a folder may hold and what becomes of it (docs/folders.md says the same for users):
+
+- classes are the first-level subfolders (sorted names -> ids), with images at any depth below
+  them; a flat folder is unlabelled. A folder without a readable image is no class (noted).
+- hidden files and folders are skipped; other files without an image extension, and images that
+  cannot be decoded, are skipped and noted (``strict``: an unreadable image is an error).
+- symbolic links are followed; a folder reached a second time (a link loop, or two links to one
+  folder) is read once, and noted.
+- every image becomes 8-bit grayscale or RGB: EXIF rotation applied, 16-bit scaled to 8 bits,
+  palettes expanded, transparency composited on ``background``. The folder is grayscale only when
+  every image is.
+- ``fit`` makes any shape square: "crop" resizes the shorter side to image_size and centre-crops
+  (torchvision's Resize + CenterCrop, as the reference implementations load folders); "pad" resizes
+  the longer side and letterboxes on ``background``.
+
+Whatever is skipped is told to the user through ``ddpmkit.notes.note``: one plain line each.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from ddpmkit.data.imagedata import DatasetInfo, ImageData, check_image_size, resize_center_crop
-from ddpmkit.errors import DdpmkitError
+from ddpmkit.data.imagedata import DatasetInfo, ImageData, check_image_size, resize_center_crop, resize_pad
+from ddpmkit.errors import DdpmkitError, either
+from ddpmkit.notes import note
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IN_MEMORY_MAX_BYTES = 2 * 1024**3  # load_dataset("folder") refuses more decoded pixels than this
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit; larger images are skipped
+WHITE = (255, 255, 255)
+FITS = ("crop", "pad")  # how an image of another shape becomes image_size x image_size
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
@@ -35,84 +55,161 @@ class FolderDataset(torch.utils.data.Dataset):
     """``(uint8 [C, S, S] tensor, label)`` per image, decoded on access so DataLoader workers decode in parallel.
 
     Make it with :func:`open_folder_dataset`. A file that stops decoding after the scan
-    is replaced by the next good image (with a warning) so an epoch never dies half-way;
+    is replaced by the next good image (with a note) so an epoch never dies half-way;
     with ``strict`` it raises DdpmkitError instead.
     """
 
-    def __init__(self, files: Sequence[str], labels: Sequence[int], info: DatasetInfo, strict: bool = False):
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        info: DatasetInfo,
+        strict: bool = False,
+        fit: str = "crop",
+        background: tuple[int, int, int] = WHITE,
+    ):
         self.files, self.labels, self.info, self.strict = list(files), list(labels), info, strict
+        self.fit, self.background = fit, tuple(background)
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def decode(self, i: int) -> torch.Tensor:
+        """Image i as uint8 ``[C, S, S]``; raises _BadImage when it cannot be read."""
+        return _decode_image(self.files[i], self.info.channels, self.info.image_size, self.fit, self.background)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(min(len(self), 16)):
             i = (index + attempt) % len(self)
             try:
-                return _decode_image(self.files[i], self.info.channels, self.info.image_size), self.labels[i]
+                return self.decode(i), self.labels[i]
             except _BadImage as bad:
                 if self.strict:
                     raise DdpmkitError(f"Cannot read image {self.files[i]}: {bad}.") from bad
-                warnings.warn(f"Skipping unreadable image {self.files[i]}: {bad}", stacklevel=2)
+                note(f"Skipping unreadable image {self.files[i]}: {bad}")
         raise DdpmkitError(f"Image {self.files[index]} and the images after it cannot be read; check the folder.")
 
 
 def open_folder_dataset(
-    data_dir: str | os.PathLike, image_size: int | None = None, channels: int | None = None, strict: bool = False
+    data_dir: str | os.PathLike,
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    *,
+    fit: str = "crop",
+    background: tuple[int, int, int] = WHITE,
 ) -> FolderDataset:
     """Scan a folder for the streaming path: files are decoded later, one per ``__getitem__``.
 
     Images sitting in first-level subfolders are labelled by folder (sorted names -> ids);
     images directly in the folder are unlabelled (-1). Hidden files and folders are ignored.
+    What is skipped is noted (``ddpmkit.notes``), one line per kind.
     """
-    dataset, ignored, bad = _open_folder(data_dir, image_size, channels, strict)
-    _report(Path(data_dir), ignored, bad)
-    return dataset
-
-
-def _open_folder(data_dir, image_size, channels, strict) -> tuple[FolderDataset, list[str], list[str]]:
-    """Scan and probe headers; returns the dataset, the ignored files and the unreadable images (with why)."""
+    _check_options(fit, background)
     check_image_size(image_size)
     if data_dir is None or not Path(data_dir).is_dir():
         raise DdpmkitError(f"The folder dataset needs data_dir set to a directory of images, got {data_dir!r}.")
     root = Path(data_dir)
-    files, labels, class_names, ignored = _scan_folder(root)
+    images, ignored, unread, top_folders = _scan_folder(root)
     good, bad = [], []
-    for path, label in zip(files, labels, strict=True):
+    for path in images:
         try:
-            good.append((path, label, *_probe_image(path)))
+            good.append((path, *_probe_image(path)))
         except _BadImage as error:
             bad.append(f"{path.relative_to(root)} ({error})")
-    _refuse_if_strict(root, bad, strict)
+    if strict and bad:
+        raise DdpmkitError(
+            f"{len(bad)} unreadable image(s) under {root} (strict mode): {_first_few(bad)}; fix or remove them."
+        )
+    _note(f"Skipped {len(bad)} unreadable image(s) under {root}", bad)
+    _note(f"Ignored {len(ignored)} file(s) without an image extension under {root}", ignored)
+    _note(f"Did not read {len(unread)} item(s) under {root}", unread)
     if not good:
-        _report(root, ignored, bad)
         raise DdpmkitError(f"No readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}.")
-    channels = _choose_channels(channels, [gray for *_, gray, _ in good])
+    paths = [path for path, *_ in good]
+    labels, class_names = _classes(root, paths, top_folders)
+    channels = _choose_channels(channels, [gray for _, gray, _ in good])
     image_size = image_size or _common_size(root, [size for *_, size in good])
     info = DatasetInfo("folder", channels, image_size, len(class_names), class_names)
-    return FolderDataset([str(g[0]) for g in good], [g[1] for g in good], info, strict), ignored, bad
+    return FolderDataset([str(p) for p in paths], labels, info, strict, fit, background)
 
 
-def _scan_folder(root: Path) -> tuple[list[Path], list[int], tuple[str, ...], list[str]]:
-    """Image files (sorted), their labels, the class names, and the non-image files found."""
-    paths = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    images = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES]
-    ignored = [str(p.relative_to(root)) for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
+def _check_options(fit: str, background) -> None:
+    if fit not in FITS:
+        raise DdpmkitError(f"fit must be {either(FITS)}, got {fit!r}.")
+    ok = len(tuple(background)) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in background)
+    if not ok:
+        raise DdpmkitError(f"background must be three integers (R, G, B) in 0..255, got {background!r}.")
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def _walk(root: Path) -> tuple[list[Path], list[str], list[str]]:
+    """The visible files under root (symbolic links followed), sorted; the first-level folders; and
+    what could not be read: folders reached a second time (link loops), broken links, errors."""
+    files, top_folders, unread, seen = [], [], [], set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        where = str(folder.relative_to(root))
+        try:
+            stat = folder.stat()
+            if (stat.st_dev, stat.st_ino) in seen:
+                unread.append(f"{where} (a folder already read: a link loop or a second link to it)")
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            with os.scandir(folder) as entries:
+                names = sorted((e.name, e) for e in entries if not e.name.startswith("."))
+        except OSError as error:
+            unread.append(f"{where} ({error.strerror or error})")
+            continue
+        subfolders = []
+        for name, entry in names:
+            try:
+                if entry.is_dir():  # follows a link
+                    subfolders.append(folder / name)
+                elif entry.is_file():
+                    files.append(folder / name)
+                else:
+                    unread.append(f"{(folder / name).relative_to(root)} (a broken link or not a regular file)")
+            except OSError as error:  # e.g. a link that points at itself
+                unread.append(f"{(folder / name).relative_to(root)} ({error.strerror or error})")
+        if folder == root:
+            top_folders = [p.name for p in subfolders]
+        stack.extend(reversed(subfolders))  # depth first, in name order
+    return sorted(files), top_folders, unread
+
+
+def _scan_folder(root: Path) -> tuple[list[Path], list[str], list[str], list[str]]:
+    """The image files (sorted), the other files, what could not be read, and the first-level folders."""
+    files, top_folders, unread = _walk(root)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    ignored = [str(p.relative_to(root)) for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     depth = [len(p.relative_to(root).parts) for p in images]
-    if all(d == 1 for d in depth):
-        return images, [-1] * len(images), (), ignored
-    if any(d == 1 for d in depth):
+    if any(d == 1 for d in depth) and any(d > 1 for d in depth):
         raise DdpmkitError(
             f"{root} mixes images at its top level with images in class subfolders; "
             "move the top-level images into a subfolder (or all out of them)."
         )
-    class_names = tuple(sorted({p.relative_to(root).parts[0] for p in images}))
-    ids = {class_name: i for i, class_name in enumerate(class_names)}
-    return images, [ids[p.relative_to(root).parts[0]] for p in images], class_names, ignored
+    return images, ignored, unread, top_folders
+
+
+def _classes(root: Path, paths: list[Path], top_folders: list[str]) -> tuple[list[int], tuple[str, ...]]:
+    """Labels and class names: first-level folders holding a readable image; a flat folder has none."""
+    if all(len(p.relative_to(root).parts) == 1 for p in paths):
+        class_names = ()
+    else:
+        class_names = tuple(sorted({p.relative_to(root).parts[0] for p in paths}))
+    empty = sorted(set(top_folders) - set(class_names))
+    if class_names:
+        _note(f"{len(empty)} folder(s) under {root} hold no readable image and are not classes", empty)
+    ids = {name: i for i, name in enumerate(class_names)}
+    labels = [ids[p.relative_to(root).parts[0]] if class_names else -1 for p in paths]
+    return labels, class_names
+
+
+# ---------------------------------------------------------------- reading one image
 
 
 @contextlib.contextmanager
@@ -140,17 +237,40 @@ def _probe_image(path: Path) -> tuple[bool, tuple[int, int]]:
         return image.mode in _GRAY_MODES, image.size
 
 
-def _decode_image(path: str, channels: int, size: int) -> torch.Tensor:
-    """Decode one image file to uint8 ``[channels, size, size]``; transparent pixels become white."""
+def _decode_image(path: str, channels: int, size: int, fit: str = "crop", background=WHITE) -> torch.Tensor:
+    """Decode one image file to uint8 ``[channels, size, size]`` (see the module's docstring)."""
     with _open_image(path) as image:
-        if image.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits instead of clipping
-            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-        if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = _flatten(_eight_bit(ImageOps.exif_transpose(image)), background)
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     pixels = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1).copy()).permute(2, 0, 1)
+    if fit == "pad":
+        return resize_pad(pixels.unsqueeze(0), size, _fill(background, channels))[0]
     return resize_center_crop(pixels.unsqueeze(0), size)[0]
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale scaled to 8 bits, x / 257, instead of clipped at 255."""
+    if image.mode.startswith("I"):
+        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return image
+
+
+def _flatten(image: Image.Image, background) -> Image.Image:
+    """Composite transparent pixels (an alpha channel, or a palette's transparent colour) on background."""
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
+    return image
+
+
+def _fill(background, channels: int) -> tuple[int, ...]:
+    """The background colour in the output's channels (its luma, as Pillow computes L, for grayscale)."""
+    if channels == 3:
+        return tuple(background)
+    return (Image.new("RGB", (1, 1), tuple(background)).convert("L").getpixel((0, 0)),)
+
+
+# ---------------------------------------------------------------- choosing shape and channels
 
 
 def _choose_channels(channels: int | None, grays: list[bool]) -> int:
@@ -169,7 +289,7 @@ def _common_size(root: Path, sizes: list[tuple[int, int]]) -> int:
     examples = " and ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:2])
     raise DdpmkitError(
         f"Images under {root} differ in size or are not square (e.g. {examples}); "
-        "set image_size to resize and center-crop them."
+        "give an image size (image_size, --image-size) to resize them to."
     )
 
 
@@ -178,48 +298,57 @@ def _first_few(items: list[str]) -> str:
     return "; ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
 
 
-def _refuse_if_strict(root: Path, bad: list[str], strict: bool) -> None:
-    """In strict mode any unreadable image is an error listing the first few."""
-    if strict and bad:
-        raise DdpmkitError(
-            f"{len(bad)} unreadable image(s) under {root} (strict mode): {_first_few(bad)}; fix or remove them."
-        )
+def _note(message: str, items: list[str]) -> None:
+    """One note: the message, then the first few items; nothing when there are none."""
+    if items:
+        note(f"{message}: {_first_few(items)}.")
 
 
-def _report(root: Path, ignored: list[str], bad: list[str]) -> None:
-    """Warn about skipped images and ignored non-image files: the count and the first few names."""
-    if bad:
-        warnings.warn(f"Skipped {len(bad)} unreadable image(s) under {root}: {_first_few(bad)}.", stacklevel=3)
-    if ignored:
-        warnings.warn(
-            f"Ignored {len(ignored)} file(s) without an image extension under {root}: {_first_few(ignored)}.",
-            stacklevel=3,
-        )
+# ---------------------------------------------------------------- into memory
 
 
-def load_folder(data_dir, split: str, image_size, channels, strict: bool) -> ImageData:
-    """Decode a whole (small) folder into memory, skipping and reporting unreadable images."""
+def load_folder(
+    data_dir,
+    split: str,
+    image_size,
+    channels,
+    strict: bool,
+    *,
+    fit: str = "crop",
+    background: tuple[int, int, int] = WHITE,
+) -> ImageData:
+    """Decode a whole (small) folder into memory, skipping and noting unreadable images."""
     if split != "train":
         raise DdpmkitError(
             "An image folder has only a train split; use split='train' "
             "(to hold images out, keep them in a separate folder)."
         )
-    dataset, ignored, bad = _open_folder(data_dir, image_size, channels, strict)
-    root, info = Path(data_dir), dataset.info
+    dataset = open_folder_dataset(data_dir, image_size, channels, strict, fit=fit, background=background)
     if not fits_in_memory(dataset):
+        info = dataset.info
         raise DdpmkitError(
             f"{len(dataset)} images of {info.channels}x{info.image_size}x{info.image_size} exceed "
             f"{IN_MEMORY_MAX_BYTES >> 30} GiB in memory; use open_folder_dataset() to stream them."
         )
-    images, labels = [], []
-    for path, label in zip(dataset.files, dataset.labels, strict=True):
+    return decode_all(dataset, Path(data_dir))
+
+
+def decode_all(dataset: FolderDataset, root: Path) -> ImageData:
+    """Every image of a scanned folder decoded into one uint8 tensor (filled in place: the peak memory
+    is the tensor, not a list of images and a stacked copy); those that fail are skipped and noted."""
+    info = dataset.info
+    images = torch.empty((len(dataset), info.channels, info.image_size, info.image_size), dtype=torch.uint8)
+    good, bad = [], []
+    for i, path in enumerate(dataset.files):
         try:
-            images.append(_decode_image(path, info.channels, info.image_size))
-            labels.append(label)
+            images[len(good)] = dataset.decode(i)
+            good.append(i)
         except _BadImage as error:
+            if dataset.strict:
+                raise DdpmkitError(f"Cannot read image {path} (strict mode): {error}; fix or remove it.") from error
             bad.append(f"{Path(path).relative_to(root)} ({error})")
-    _refuse_if_strict(root, bad, strict)
-    _report(root, ignored, bad)
-    if not images:
+    _note(f"Skipped {len(bad)} unreadable image(s) under {root}", bad)
+    if not good:
         raise DdpmkitError(f"None of the images under {root} could be decoded.")
-    return ImageData(torch.stack(images), torch.tensor(labels, dtype=torch.long), info)
+    labels = torch.tensor([dataset.labels[i] for i in good], dtype=torch.long)
+    return ImageData(images[: len(good)] if bad else images, labels, info)

@@ -48,7 +48,26 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     new_h, new_w = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    out = torch.empty((n, c, size, size), dtype=torch.uint8)
+    return _resize(images, new_h, new_w)[..., top : top + size, left : left + size].contiguous()
+
+
+def resize_pad(images: torch.Tensor, size: int, fill: tuple[int, ...]) -> torch.Tensor:
+    """Letterbox: resize uint8 ``[N, C, H, W]`` so the longer side is ``size`` (bicubic, antialiased),
+    then centre it on a ``size`` x ``size`` canvas of colour ``fill`` (one value per channel)."""
+    n, c, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    new_h, new_w = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+    out = torch.tensor(fill, dtype=torch.uint8).view(1, c, 1, 1).repeat(n, 1, size, size)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[..., top : top + new_h, left : left + new_w] = _resize(images, new_h, new_w)
+    return out
+
+
+def _resize(images: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` resized to ``new_h`` x ``new_w``, bicubic with antialiasing, rounded back to uint8."""
+    n, c = images.shape[:2]
+    out = torch.empty((n, c, new_h, new_w), dtype=torch.uint8)
     for start in range(0, n, 4096):  # chunks bound the float copy's memory
         chunk = F.interpolate(
             images[start : start + 4096].float(),
@@ -57,7 +76,7 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
             antialias=True,
             align_corners=False,
         )
-        out[start : start + 4096] = chunk[..., top : top + size, left : left + size].round().clamp(0, 255)
+        out[start : start + 4096] = chunk.round().clamp(0, 255)
     return out
 
 

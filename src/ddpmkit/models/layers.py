@@ -127,6 +127,9 @@ def network_input(config: dict, x: Tensor, x_self_cond: Tensor | None, name: str
     return x
 
 
+EMB_INJECTIONS = ("scale_shift", "add")  # how a ResBlock takes the embedding
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block; the embedding scales and shifts the normalised features.
 
@@ -134,12 +137,24 @@ class ResBlock(nn.Module):
     out = skip(x) + conv0(Dropout(SiLU(GN(h) * (1 + scale) + shift))).
     Applying the embedding after the GroupNorm (improved-diffusion's scale-shift norm) keeps it from
     being normalised away, which an embedding added before GroupNorm is when groups hold one channel.
+    With ``emb_injection="add"`` it is Ho et al.'s block instead: h + Linear(SiLU(emb)) goes into the
+    second GroupNorm, out = skip(x) + conv0(Dropout(SiLU(GN(h + Linear(SiLU(emb)))))).
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0, groups: int = 32):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        emb_dim: int,
+        dropout: float = 0.0,
+        groups: int = 32,
+        emb_injection: str = "scale_shift",
+    ):
         super().__init__()
+        check_choice(emb_injection, EMB_INJECTIONS, "emb_injection")
+        self.scale_shift = emb_injection == "scale_shift"
         self.in_layers = nn.Sequential(norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out))
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, (2 if self.scale_shift else 1) * c_out))
         self.out_norm = norm(c_out, groups)
         self.out_layers = nn.Sequential(
             nn.SiLU(),
@@ -149,9 +164,12 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)
-        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.out_norm(h) * (1 + scale) + shift  # FiLM: GN(h) (1 + scale) + shift
+        h, e = self.in_layers(x), self.emb_proj(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift  # FiLM: GN(h) (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)  # Ho et al.: GN(h + Linear(SiLU(emb)))
         return self.skip(x) + self.out_layers(h)
 
 
@@ -196,17 +214,21 @@ class Attention2d(nn.Module):
         return x + self.proj_out(out)
 
 
-DOWNSAMPLE = ("conv", "space_to_depth")
+DOWNSAMPLE = ("conv", "space_to_depth", "conv3")
 UPSAMPLE = ("transposed", "nearest")
 
 
 class Downsample(nn.Sequential):
-    """Halve H and W: a 4x4 stride-2 conv, or pixel-unshuffle (space-to-depth) then a 1x1 conv."""
+    """Halve H and W: a 4x4 stride-2 conv; pixel-unshuffle (space-to-depth) then a 1x1 conv; or
+    "conv3", Ho et al.'s 3x3 stride-2 conv with TensorFlow's "SAME" padding (one row and column of
+    zeros after the image, none before)."""
 
     def __init__(self, c_in: int, c_out: int, kind: str = "conv"):
         check_choice(kind, DOWNSAMPLE, "downsample")
         if kind == "conv":
             super().__init__(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
+        elif kind == "conv3":
+            super().__init__(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c_in, c_out, 3, stride=2))
         else:
             super().__init__(nn.PixelUnshuffle(2), nn.Conv2d(4 * c_in, c_out, 1))
 

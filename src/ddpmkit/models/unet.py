@@ -7,6 +7,7 @@ from torch.utils.checkpoint import checkpoint
 from ddpmkit.models.layers import (
     ATTENTION,
     DOWNSAMPLE,
+    EMB_INJECTIONS,
     TIME_EMBEDDINGS,
     UPSAMPLE,
     Attention2d,
@@ -43,7 +44,7 @@ class EmbedSequential(nn.Sequential):
 
 
 def validate(c: dict) -> None:
-    """Raise DdpmkitError, in one sentence, for a UNet config that cannot be built."""
+    """Raise DdpmkitError, in one sentence naming the constructor keyword, for a config that cannot be built."""
     for name in (
         "in_channels",
         "image_size",
@@ -52,6 +53,7 @@ def validate(c: dict) -> None:
         "num_heads",
         "groups",
         "timesteps",
+        "init_conv_kernel",
     ):
         require(c[name] >= 1, f"{name} must be a positive integer, got {c[name]}.")
     mults, size, heads = c["channel_mults"], c["image_size"], c["num_heads"]
@@ -68,20 +70,21 @@ def validate(c: dict) -> None:
     factor = 2 ** (len(mults) - 1)
     require(
         size % factor == 0,
-        f"an image size the architecture cannot take: {size} is not divisible by {factor} "
-        f"(the {len(mults)} levels halve it {len(mults) - 1} times).",
+        f"image_size {size} is not divisible by {factor}: the {len(mults)} levels of channel_mults "
+        f"{tuple(mults)} halve it {len(mults) - 1} times.",
     )
     sizes = [size // 2**level for level in range(len(mults))]
     missing = sorted(set(c["attn_resolutions"]) - set(sizes))
-    require(not missing, f"attention resolutions {missing} match no level; the levels are {sizes}.")
+    require(not missing, f"attn_resolutions {missing} match no level; the levels are {sizes}.")
     widths = [c["base_channels"] * m for m in mults]
     require(
         all(w % heads == 0 for w in widths),
-        f"the channel counts {widths} must all be divisible by num_heads={heads}.",
+        f"num_heads {heads} must divide the width of every level, {widths} (base_channels x channel_mults).",
     )
-    check_choice(c["attn_type"], ATTENTION, "attention type")
-    check_choice(c["time_embedding"], TIME_EMBEDDINGS, "time embedding")
+    check_choice(c["attn_type"], ATTENTION, "attn_type")
+    check_choice(c["time_embedding"], TIME_EMBEDDINGS, "time_embedding")
     check_choice(c["downsample"], DOWNSAMPLE, "downsample")
+    check_choice(c["emb_injection"], EMB_INJECTIONS, "emb_injection")
     check_choice(c["upsample"], UPSAMPLE, "upsample")
 
 
@@ -97,8 +100,9 @@ class UNet(nn.Module):
     The embedding is 4 * base_channels wide. Options: self_condition feeds [x_t, x_self_cond];
     learn_sigma outputs [prediction (eps, x0 or v), variance interpolation] along channels;
     final_res_block (lucidrains' layout, with init_conv_kernel=7) adds a ResBlock over
-    [h, init conv features] before the output. Downsample and Upsample keep the channel count;
-    each level's first ResBlock changes it.
+    [h, init conv features] before the output; emb_injection="add" with downsample="conv3" and
+    upsample="nearest" is Ho et al.'s network (see the cifar10-ddpm preset). Downsample and Upsample
+    keep the channel count; each level's first ResBlock changes it.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class UNet(nn.Module):
         init_conv_kernel: int = 3,
         final_res_block: bool = False,
         timesteps: int = 1000,
+        emb_injection: str = "scale_shift",
     ):
         super().__init__()
         self.config = dict(
@@ -145,6 +150,7 @@ class UNet(nn.Module):
             init_conv_kernel=init_conv_kernel,
             final_res_block=final_res_block,
             timesteps=timesteps,
+            emb_injection=emb_injection,
         )
         validate(self.config)
         self._build()
@@ -174,7 +180,8 @@ class UNet(nn.Module):
         )
 
     def _res_block(self, c_in: int, c_out: int) -> ResBlock:
-        return ResBlock(c_in, c_out, self.emb_dim, self.config["dropout"], self.config["groups"])
+        c = self.config
+        return ResBlock(c_in, c_out, self.emb_dim, c["dropout"], c["groups"], c["emb_injection"])
 
     def _stage(self, c_in: int, c_out: int, size: int) -> EmbedSequential:
         """A ResBlock, followed by attention when size is one of attn_resolutions."""

@@ -13,7 +13,7 @@ from ddpmkit.core.denoiser import Denoiser
 from ddpmkit.core.losses import HybridLoss, SimpleLoss
 from ddpmkit.core.schedules import Schedule, build_schedule
 from ddpmkit.models import build_model
-from ddpmkit.run.config import OPTIMIZERS, RunConfig
+from ddpmkit.run.config import OPTIMIZERS, RunConfig, resolve
 
 # the ModelConfig fields each architecture's constructor takes
 ARCH_KEYS = {
@@ -30,6 +30,7 @@ ARCH_KEYS = {
         "upsample",
         "init_conv_kernel",
         "final_res_block",
+        "emb_injection",
     ),
     "convnext": ("channels", "strides", "mult"),
 }
@@ -45,7 +46,8 @@ def num_classes(config: RunConfig) -> int:
 
 
 def model_kwargs(config: RunConfig) -> dict:
-    """Constructor keywords of the chosen architecture."""
+    """Constructor keywords of the chosen architecture (derived defaults resolved for the image size)."""
+    config = resolve(config)
     m = config.model
     kwargs = {k: getattr(m, k) for k in ARCH_KEYS[m.arch]}
     kwargs.update(
@@ -88,7 +90,7 @@ def loss(config: RunConfig) -> SimpleLoss:
 
 def optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """AdamW or Adam over the model's parameters; one fused kernel where this torch has it."""
-    t = config.train
+    t = resolve(config).train
     kind, kwargs = OPTIMIZERS[t.optimizer], {"lr": t.lr, "weight_decay": t.weight_decay}
     try:  # fused: CPU and CUDA since torch 2.4 (bench/variants.py: 5% over foreach on a 2-core CPU)
         return kind(model.parameters(), fused=True, **kwargs)

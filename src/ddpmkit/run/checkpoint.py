@@ -36,7 +36,7 @@ from safetensors.torch import save, save_file
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.fileio import atomic_write, atomic_write_text
 from ddpmkit.run import weights
-from ddpmkit.run.config import RunConfig, from_dict, validate
+from ddpmkit.run.config import RunConfig, from_dict, resolve, validate
 
 FORMAT_VERSION = 1
 CKPT_PREFIX = "ckpt-"
@@ -53,11 +53,12 @@ def is_run(run_dir: Path) -> bool:
 
 
 def create_run(run_dir: Path, config: RunConfig) -> Path:
-    """Make a new run directory; refuse if it already holds anything (nothing is modified)."""
+    """Make a new run directory holding config.json, the config with its derived defaults resolved;
+    refuse if the directory already holds anything (nothing is modified)."""
     run_dir = check_new_run(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", config.to_json())
+        atomic_write_text(run_dir / "config.json", resolve(config).to_json())
     except OSError as e:
         raise DdpmkitError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
     return run_dir
@@ -89,7 +90,7 @@ def load_config(run_dir: Path) -> RunConfig:
     refusal = f"{path} is not a valid ddpmkit config"
     data = read_json(path, refusal)
     try:
-        config = from_dict(RunConfig, data)
+        config = resolve(from_dict(RunConfig, data))
         validate(config)
     except DdpmkitError as e:
         raise DdpmkitError(f"{refusal}: {e}") from None

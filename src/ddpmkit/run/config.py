@@ -3,6 +3,10 @@
 A run directory stores its RunConfig as config.json, so `sample`, `eval` and `animate` need
 nothing but the run directory. Names (architectures, schedules, samplers...) are checked against
 the registries of the layers below; `run.build` turns a valid config into objects.
+
+A field left None is derived from the image size and the other fields by `resolve` (the rules are
+the `default_*` functions) once the dataset is known (`with_dataset`); config.json holds the
+resolved values, so a run is reproducible from it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ddpmkit.core.distillation import Grids, halvings
 from ddpmkit.core.precision import PRECISIONS
 from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS, sampler_options
 from ddpmkit.core.schedules import SCHEDULES, SPACINGS, check_steps
-from ddpmkit.data import DATASETS, DatasetInfo
+from ddpmkit.data import DATASETS, FITS, DatasetInfo
 from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.models import ARCHITECTURES
 
@@ -34,9 +38,9 @@ class ModelConfig:
     arch: str = "unet"  # "unet" (seed 002) or "convnext" (seed 001)
     # unet
     base_channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 2, 2)
+    channel_mults: tuple[int, ...] | None = None  # None = derived from the image size (28x28: 1, 2, 2)
     num_res_blocks: int = 1
-    attn_resolutions: tuple[int, ...] = (7,)
+    attn_resolutions: tuple[int, ...] | None = None  # None = the lowest level (28x28: 7); () = none
     dropout: float = 0.0
     num_heads: int = 4
     attn_type: str = "full"
@@ -45,6 +49,7 @@ class ModelConfig:
     upsample: str = "transposed"
     init_conv_kernel: int = 3
     final_res_block: bool = False
+    emb_injection: str = "scale_shift"  # how ResBlocks take the embedding: scale_shift (FiLM) or add (Ho et al.)
     # convnext
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 3)
@@ -72,6 +77,9 @@ class DataConfig:
     label_dropout: float = 0.1  # p(y -> null) in training, for classifier-free guidance
     stream: bool = False  # folder datasets: decode in DataLoader workers instead of loading into memory
     workers: int | None = None  # DataLoader worker processes when streaming; None = min(4, CPUs)
+    fit: str = "crop"  # folder images of another shape: "crop" (shorter side, centre crop) or "pad" (letterbox)
+    background: tuple[int, ...] = (255, 255, 255)  # folder images: the colour under transparent pixels and pad's bars
+    hflip: bool = False  # random horizontal flips in training (Ho et al. on CIFAR-10); off where flips change meaning
 
 
 @dataclass
@@ -79,10 +87,10 @@ class TrainConfig:
     steps: int | None = None  # the run's total number of optimizer steps
     epochs: float | None = None
     minutes: float | None = None  # wall-clock budget of this invocation
-    batch_size: int = 64
+    batch_size: int | None = None  # images per micro-batch and process; None = derived (28x28: 64)
     grad_accum: int = 1
     optimizer: str = "adamw"  # a name in OPTIMIZERS
-    lr: float = 1e-3
+    lr: float | None = None  # peak learning rate; None = derived (28x28: 1e-3)
     weight_decay: float = 0.0
     warmup: int = 200  # linear LR warm-up steps
     grad_clip: float = 1.0
@@ -266,15 +274,65 @@ def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
 
 def with_dataset(config: RunConfig, info: DatasetInfo, labelled: bool = True) -> RunConfig:
     """The config with the image shape and classes of the dataset it trains on (`labelled`: every
-    image has a class); a conditional config needs labels."""
+    image has a class), and its derived defaults resolved; a conditional config needs labels."""
     if config.data.conditional and (info.num_classes == 0 or not labelled):
         raise DdpmkitError(f"dataset {info.name} has no class labels; train it with --unconditional")
+    return resolve(
+        dataclasses.replace(
+            config,
+            in_channels=info.channels,
+            image_size=info.image_size,
+            num_classes=info.num_classes,
+            class_names=tuple(info.class_names),
+        )
+    )
+
+
+# ---- defaults that follow the image size ------------------------------------------------------
+
+
+def default_channel_mults(image_size: int) -> tuple[int, ...]:
+    """(1, 2, 2, ...): a level for each halving of the image that leaves a whole number of at least
+    7 pixels, so the lowest level is 7x7 or 8x8 wherever the size allows it.
+
+    28 -> levels 28, 14, 7: (1, 2, 2) (the measured Fashion-MNIST model); 32 -> 32, 16, 8: (1, 2, 2);
+    64 -> 64, 32, 16, 8: (1, 2, 2, 2); 16 -> (1, 2); 12 -> (1,).
+    """
+    levels, size = 1, image_size
+    while size % 2 == 0 and size // 2 >= 7:
+        levels, size = levels + 1, size // 2
+    return (1,) + (2,) * (levels - 1)
+
+
+def default_attn_resolutions(image_size: int, channel_mults: tuple[int, ...]) -> tuple[int, ...]:
+    """Self-attention at the lowest level only, where it is cheapest (28x28: 7; 32x32 and 64x64: 8)."""
+    return (image_size // 2 ** (len(channel_mults) - 1),)
+
+
+def default_batch_size(image_size: int) -> int:
+    """64 (measured at 28x28: bench/recipe.py) up to 64x64; larger images get fewer, so that a batch
+    holds no more pixels (and activations) than 64 images of 64x64 (128x128: 16), and never fewer than 8."""
+    return max(8, min(64, 64 * 64**2 // image_size**2))
+
+
+def default_lr(image_size: int, batch_size: int) -> float:
+    """1e-3: measured at 28x28 and batch 64 (bench/recipe.py); used at every size until measured there."""
+    return 1e-3
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """The config with every field left None (derive) set by the rules above, from the image size
+    and the fields the user did set; a value the user set is kept, even one that cannot work (the
+    network then refuses it, naming the flag). Idempotent."""
+    m, t, size = config.model, config.train, config.image_size
+    mults = m.channel_mults if m.channel_mults is not None else default_channel_mults(size)
+    attn = m.attn_resolutions if m.attn_resolutions is not None else default_attn_resolutions(size, mults)
+    batch = t.batch_size if t.batch_size is not None else default_batch_size(size)
+    lr = t.lr if t.lr is not None else default_lr(size, batch)
     return dataclasses.replace(
         config,
-        in_channels=info.channels,
-        image_size=info.image_size,
-        num_classes=info.num_classes,
-        class_names=tuple(info.class_names),
+        model=dataclasses.replace(m, channel_mults=tuple(mults), attn_resolutions=tuple(attn)),
+        train=dataclasses.replace(t, batch_size=batch, lr=lr),
     )
 
 
@@ -301,10 +359,10 @@ def validate(config: RunConfig) -> None:
         (t.steps is None or t.steps >= 1, f"--steps must be >= 1, got {t.steps}"),
         (t.epochs is None or 0 < t.epochs < math.inf, f"--epochs must be a finite number > 0, got {t.epochs}"),
         (t.minutes is None or t.minutes > 0, f"--minutes must be > 0, got {t.minutes}"),
-        (t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}"),
+        (t.batch_size is None or t.batch_size >= 1, f"--batch-size must be >= 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"--grad-accum must be >= 1, got {t.grad_accum}"),
         _one_of(t.optimizer, OPTIMIZERS, "--optimizer"),
-        (0 < t.lr < math.inf, f"--lr must be a finite number > 0, got {t.lr}"),
+        (t.lr is None or 0 < t.lr < math.inf, f"--lr must be a finite number > 0, got {t.lr}"),
         (0 <= t.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {t.weight_decay}"),
         (t.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {t.grad_clip}"),
         (t.warmup >= 0, f"--warmup must be >= 0, got {t.warmup}"),
@@ -313,6 +371,8 @@ def validate(config: RunConfig) -> None:
         _one_of(t.on_nan, ON_NAN, "--on-nan"),
         (t.keep >= 1, f"--keep must be >= 1, got {t.keep}"),
         (data.workers is None or data.workers >= 0, f"--workers must be >= 0, got {data.workers}"),
+        _one_of(data.fit, FITS, "--fit"),
+        (_is_colour(data.background), f"--background must be white, black or R,G,B in 0..255, got {data.background!r}"),
         (
             min(t.log_every, t.sample_every, t.checkpoint_every) >= 1,
             "--log-every, --sample-every and --checkpoint-every must be >= 1",
@@ -353,6 +413,14 @@ def check_distill(config: RunConfig, T: int) -> None:
             Grids(T, n, s.spacing)  # each teacher grid contains its student's
     except DdpmkitError as e:
         raise DdpmkitError(f"--from {s.start} --to {s.to}: {e}") from e
+
+
+def _is_colour(value) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)
+    )
 
 
 def check_sample(s: SampleConfig, T: int) -> None:
@@ -422,7 +490,10 @@ LENGTHS: dict[str, tuple[int, int]] = {
 def check_limits(config: RunConfig) -> None:
     """Refuse a config with a field outside LIMITS or LENGTHS, naming the field and the limit."""
     for name, (low, high) in LENGTHS.items():
-        count = len(_field(config, name))
+        value = _field(config, name)
+        if value is None:  # a default still to be derived (resolve) from the image size
+            continue
+        count = len(value)
         if not low <= count <= high:
             raise DdpmkitError(f"{name} must have {low} to {high:,} entries, got {count:,}")
     for name, (low, high) in LIMITS.items():

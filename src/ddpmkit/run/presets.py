@@ -41,10 +41,13 @@ PRESETS: dict[str, dict] = {
             "final_res_block": True,
         },
     },
-    # Ho et al. 2020's CIFAR-10 model: base 128, mults (1, 2, 2, 2), two residual blocks per level,
-    # single-head attention at 16x16, dropout 0.1, nearest+conv upsampling; T = 1000, linear betas;
-    # Adam 2e-4, batch 128, 5000 warm-up steps, clip 1, EMA 0.9999, 800k steps. Our stride-2
-    # downsampling convs are 4x4 (theirs 3x3), so 36.78M parameters instead of 35.75M.
+    # Ho et al. 2020's CIFAR-10 setup (their paper, section 4 and appendix B, and their code):
+    # unconditional, random horizontal flips; their U-Net: base 128, mults (1, 2, 2, 2), two residual
+    # blocks per level, single-head attention at 16x16, dropout 0.1, the step embedding added in each
+    # residual block, 3x3 stride-2 downsampling, nearest+conv upsampling: 35,746,307 parameters, as
+    # theirs (35.7M); L_simple (eps, unweighted), linear betas, T = 1000; Adam 2e-4, batch 128, 5000
+    # warm-up steps, clip 1, EMA 0.9999, 800k steps; ancestral sampling with sigma^2 = beta_t, all
+    # 1000 steps. What still differs is listed in docs/presets.md and checked in tests/test_presets.py.
     "cifar10-ddpm": {
         "model": {
             "arch": "unet",
@@ -54,14 +57,17 @@ PRESETS: dict[str, dict] = {
             "attn_resolutions": (16,),
             "num_heads": 1,
             "dropout": 0.1,
+            "emb_injection": "add",
+            "downsample": "conv3",
             "upsample": "nearest",
         },
         "diffusion": {"timesteps": 1000, "schedule": "linear", "objective": "eps", "min_snr_gamma": None},
-        "data": {"dataset": "cifar10"},
+        "data": {"dataset": "cifar10", "conditional": False, "hflip": True},
         "train": {
             "batch_size": 128,
             "optimizer": "adam",
             "lr": 2e-4,
+            "weight_decay": 0.0,
             "warmup": 5000,
             "grad_clip": 1.0,
             "ema_decay": 0.9999,
@@ -70,7 +76,7 @@ PRESETS: dict[str, dict] = {
             "sample_every": 10_000,
             "checkpoint_every": 10_000,
         },
-        "sample": {"sampler": "ddim", "steps": 100},
+        "sample": {"sampler": "ddpm", "steps": 1000, "variance": "beta"},
     },
     # Nichol & Dhariwal 2021's ImageNet-64 size: base 128, mults (1, 2, 3, 4), three residual blocks
     # per level, 4-head attention at 32, 16 and 8, learned variances (L_hybrid), cosine, T = 4000;

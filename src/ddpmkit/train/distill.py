@@ -27,7 +27,7 @@ from ddpmkit.core.losses import Noise
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.run import build, checkpoint
 from ddpmkit.run.config import RunConfig
-from ddpmkit.train.trainer import Trainer, batch_noise, ema_decay_at
+from ddpmkit.train.trainer import Trainer, batch_randomness, ema_decay_at
 
 ROUNDS = "rounds"
 
@@ -133,12 +133,12 @@ class Distiller(Trainer):
             self._begin_round()
         return super().train_step()
 
-    def noise_now(self) -> Noise:
-        """t = t_i with i ~ U{1..N} on the student's grid (Algorithm 2: t = i / N), eps ~ N(0, I)."""
+    def randomness_now(self) -> tuple[Noise, torch.Tensor]:
+        """t = t_i with i ~ U{1..N} on the student's grid (Algorithm 2: t = i / N), eps ~ N(0, I); flip coins."""
         c, size = self.config.in_channels, self.config.image_size
         shape = (self.global_batch, c, size, size)
-        i, eps, u = batch_noise(self.config.train.seed, self.step, shape, self.loss.grids.n, self.device)
-        return Noise(self.loss.grids.steps(i), eps, u)
+        (i, eps, u), flips = batch_randomness(self.config.train.seed, self.step, shape, self.loss.grids.n, self.device)
+        return Noise(self.loss.grids.steps(i), eps, u), flips
 
     def lr_now(self) -> float:
         """lr (1 - k / S) at step k of the round: linear to 0."""

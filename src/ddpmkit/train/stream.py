@@ -7,36 +7,35 @@ global batch, so streaming changes neither the examples nor their order (nor res
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from ddpmkit.data import FolderDataset, ImageData, load_dataset, open_folder_dataset
-from ddpmkit.data.folder import fits_in_memory
+from ddpmkit.data.folder import decode_all, fits_in_memory
 from ddpmkit.errors import DdpmkitError
+from ddpmkit.notes import note
 from ddpmkit.run.config import RunConfig
 from ddpmkit.train import distributed
 
 
 def training_data(config: RunConfig) -> ImageData | FolderDataset:
-    """The training images in memory, or a FolderDataset to stream: with --stream, or when too large."""
+    """The training images in memory, or a FolderDataset to stream: with --stream, or when too large.
+
+    A folder is scanned once (its notes said once), then decoded into memory when it fits.
+    """
     d = config.data
-    if d.stream and d.dataset != "folder":
-        raise DdpmkitError(f"--stream is for --dataset folder; {d.dataset} is small enough to load into memory")
-    if d.stream:
-        return open_folder_dataset(d.data_dir, d.image_size)
-    try:
+    if d.dataset != "folder":
+        if d.stream:
+            raise DdpmkitError(f"--stream is for --dataset folder; {d.dataset} is small enough to load into memory")
         return load_dataset(d.dataset, "train", data_dir=d.data_dir, image_size=d.image_size)
-    except DdpmkitError as error:
-        if d.dataset != "folder":
-            raise
-        refused = error
-    folder = open_folder_dataset(d.data_dir, d.image_size)
+    folder = open_folder_dataset(d.data_dir, d.image_size, fit=d.fit, background=tuple(d.background))
+    if d.stream:
+        return folder
     if fits_in_memory(folder):
-        raise refused  # not the memory limit: a problem with the folder itself
-    if distributed.info().rank == 0:
-        print(f"streaming {len(folder)} images from {d.data_dir}: they would not fit in memory", file=sys.stderr)
+        return decode_all(folder, Path(d.data_dir))
+    note(f"streaming {len(folder)} images from {d.data_dir}: they would not fit in memory")
     return folder
 
 

@@ -30,7 +30,7 @@ from ddpmkit.errors import DdpmkitError
 from ddpmkit.fileio import atomic_write_text
 from ddpmkit.progress import TrainingBar
 from ddpmkit.run import build, checkpoint, load
-from ddpmkit.run.config import RunConfig, SampleConfig
+from ddpmkit.run.config import RunConfig, SampleConfig, resolve
 from ddpmkit.run.sampling import default_labels, generate
 from ddpmkit.train import distributed
 from ddpmkit.train.stream import Stream
@@ -55,9 +55,24 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
 
+def batch_randomness(seed: int, step: int, shape, T: int, device) -> tuple[Noise, torch.Tensor]:
+    """Everything random about the global batch of optimizer step `step`, from one generator seeded
+    by (seed, step), so identical on every rank and after a resume: the noise (t, eps, u), then a
+    coin per image [B] (bool) that --hflip uses to mirror it. Drawn after the noise, the coins leave
+    the noise of every step as it was before flips existed."""
+    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    noise = draw_noise(shape, T, device, generator)
+    return noise, torch.rand(shape[0], generator=generator, device=device) < 0.5
+
+
 def batch_noise(seed: int, step: int, shape, T: int, device) -> Noise:
     """(t, eps, u) for the whole global batch of optimizer step `step`: identical on every rank."""
-    return draw_noise(shape, T, device, torch.Generator(device).manual_seed(seed * 1_000_003 + step))
+    return batch_randomness(seed, step, shape, T, device)[0]
+
+
+def hflip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] mirrored left-right where flips [B] is True (random flips, Ho et al. 2020)."""
+    return torch.where(flips[:, None, None, None], x.flip(-1), x)
 
 
 def batch_indices(seed: int, step: int, n_data: int, global_batch: int) -> torch.Tensor:
@@ -77,7 +92,7 @@ def _epoch_permutation(seed: int, epoch: int, n_data: int) -> torch.Tensor:
 
 def total_steps(config: RunConfig, n_data: int, world_size: int) -> int | None:
     """The run's total optimizer steps from --steps and --epochs (the smaller); None: --minutes alone."""
-    t = config.train
+    t = resolve(config).train
     if t.steps is None and t.epochs is None and t.minutes is None:
         raise DdpmkitError("give a training budget: --steps N, --epochs N or --minutes N")
     if t.epochs is None:
@@ -112,13 +127,22 @@ class Trainer:
     """One small stateful loop. Rank 0 alone writes files and shows the progress bar."""
 
     def __init__(self, config: RunConfig, run_dir: Path, data: ImageData | FolderDataset, device="cpu"):
-        """`data` in memory (ImageData), or a FolderDataset streamed by DataLoader workers."""
+        """`data` in memory (ImageData), or a FolderDataset streamed by DataLoader workers; a config
+        not yet resolved (`run.config.resolve`) gets its derived defaults for its image size."""
+        config = resolve(config)
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         self.device = torch.device(device)
         self.dist = distributed.info()
         self.schedule = build.schedule(config)
         torch.manual_seed(config.train.seed)
         self.model = build.net(config).to(self.device)
+        if len(data) < self.global_batch:  # refused before any file is written (after the model's own checks)
+            t = config.train
+            raise DdpmkitError(
+                f"the dataset has {len(data)} images, fewer than one global batch of {self.global_batch} "
+                f"(--batch-size {t.batch_size} x {self.dist.world_size} process(es) x --grad-accum {t.grad_accum}); "
+                "lower --batch-size"
+            )
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if config.train.grad_checkpointing:
             _enable_grad_checkpointing(self.model, config.model.arch)
@@ -262,7 +286,7 @@ class Trainer:
         cfg, dist = self.config.train, self.dist
         micro, accum = cfg.batch_size, cfg.grad_accum
         idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
-        noise = self.noise_now()
+        noise, flips = self.randomness_now()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_now()
         total = torch.zeros((), device=self.device)
@@ -271,17 +295,19 @@ class Trainer:
             images, labels = self._micro_batch(idx[sl], k)
             with distributed.no_sync(self.net, last=k == accum - 1), autocast(self.device, cfg.precision):
                 x0 = to_model_range(images.to(self.device, non_blocking=True))
+                if self.config.data.hflip:
+                    x0 = hflip(x0, flips[sl])
                 y = labels.to(self.device) if self.config.data.conditional else None
                 loss = self.loss(self.denoiser, x0, y, Noise(*(z[sl] for z in noise))).mean()
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
         return self._optimizer_step(total)
 
-    def noise_now(self) -> Noise:
-        """(t, eps, u) of this optimizer step's global batch, t ~ U{1..T}."""
+    def randomness_now(self) -> tuple[Noise, torch.Tensor]:
+        """(t, eps, u) of this optimizer step's global batch, t ~ U{1..T}, and a flip coin per image."""
         c, size = self.config.in_channels, self.config.image_size
         shape = (self.global_batch, c, size, size)
-        return batch_noise(self.config.train.seed, self.step, shape, self.schedule.T, self.device)
+        return batch_randomness(self.config.train.seed, self.step, shape, self.schedule.T, self.device)
 
     def lr_now(self) -> float:
         return lr_at(self.step, self.config.train.lr, self.config.train.warmup)
