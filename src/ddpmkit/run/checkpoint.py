@@ -31,7 +31,9 @@ from ddpmkit.errors import DdpmkitError
 from ddpmkit.fileio import atomic_write_text
 from ddpmkit.run.config import RunConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# format 1: before the linear schedule was scaled by 1000 / T; same files, so read unless that changed its maths
+READABLE_FORMATS = (1, 2)
 CKPT_PREFIX = "ckpt-"
 TEMP_PREFIX = ".tmp-ckpt-"  # checkpoints being written or deleted; never read, removed by tidy()
 _UMASK = os.umask(0)  # read once, so that checkpoint directories get the usual permissions
@@ -224,15 +226,26 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(tensors)
 
 
-def load_state(ckpt: Path) -> tuple[dict, dict]:
-    """(state.json, train_state) of a checkpoint; the latter through the weights-only unpickler."""
+def load_state(ckpt: Path, config: RunConfig | None = None) -> tuple[dict, dict]:
+    """(state.json, train_state) of a checkpoint; the latter through the weights-only unpickler.
+
+    With the run's `config`, a format-1 checkpoint whose schedule has changed since is refused."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise DdpmkitError(f"cannot read {ckpt / 'state.json'}: {_first_line(e)}") from e
     version = state.get("format") if isinstance(state, dict) else None
-    if version != FORMAT_VERSION:
-        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads format {FORMAT_VERSION}")
+    if version not in READABLE_FORMATS:
+        raise DdpmkitError(
+            f"{ckpt} has checkpoint format {version}, this ddpmkit reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
+    d = config.diffusion if config is not None else None
+    if version == 1 and d is not None and d.schedule == "linear" and d.timesteps != 1000:
+        raise DdpmkitError(
+            f"{ckpt} was trained with the linear schedule at T = {d.timesteps} before ddpmkit scaled it "
+            "by 1000 / T (its x_T kept part of the image); this ddpmkit cannot sample it faithfully: retrain it"
+        )
     try:
         with warnings.catch_warnings():  # an odd pickle protocol warns on stderr before it is refused
             warnings.simplefilter("ignore")

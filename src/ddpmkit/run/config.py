@@ -17,7 +17,7 @@ import torch
 from ddpmkit.core.diffusion import OBJECTIVES
 from ddpmkit.core.precision import PRECISIONS
 from ddpmkit.core.samplers import SAMPLERS, sampler_options
-from ddpmkit.core.schedules import SCHEDULES, timesteps
+from ddpmkit.core.schedules import SCHEDULES, build_schedule, timesteps
 from ddpmkit.data import DATASETS, DatasetInfo
 from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.models import ARCHITECTURES
@@ -227,6 +227,7 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DdpmkitError(message)
+    build_schedule(d.schedule, d.timesteps)  # refuses a schedule that leaves signal in x_T
     check_sample(config.sample, d.timesteps)  # the grids' settings: refused now, not after training
 
 

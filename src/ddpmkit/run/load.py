@@ -19,7 +19,7 @@ def load_denoiser(run_dir: Path, device="cpu", which: str = "ema") -> tuple[RunC
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         raise DdpmkitError(f"{run_dir} has no complete checkpoint yet; train it first")
-    checkpoint.load_state(ckpt)  # checks the format version
+    checkpoint.load_state(ckpt, config)  # checks the format version
     net = build.net(config)
     checkpoint.load_weights(net, ckpt / f"{which}.safetensors")
     return config, build.denoiser(config, net.to(device).eval())

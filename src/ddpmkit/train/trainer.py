@@ -170,7 +170,7 @@ class Trainer:
         ckpt = checkpoint.latest_checkpoint(self.run_dir)
         if ckpt is None:
             return
-        state, train_state = checkpoint.load_state(ckpt)
+        state, train_state = checkpoint.load_state(ckpt, self.config)
         _check_global_batch(
             state.get("global_batch", self.global_batch), self.global_batch, self.config, self.dist.world_size
         )
