@@ -7,13 +7,17 @@ import urllib.error
 
 import pytest
 import torch
-from conftest import FAST, TINY_MODEL, make_idx_dataset
+from conftest import FAST, TINY_MODEL, make_idx_dataset, perturb
 
 from ddpmkit.cli import main
+from ddpmkit.core.likelihood import nll_bpd
 from ddpmkit.data import load_dataset, to_model_range, to_uint8
 from ddpmkit.eval import domain, inception
 from ddpmkit.eval.inception import InceptionMetrics, InceptionUnavailable
 from ddpmkit.eval.metrics import feature_stats, frechet_distance, gaussian_blur, inception_score, precision_recall
+from ddpmkit.eval.report import bits_per_dim
+from ddpmkit.run import build
+from ddpmkit.run.config import RunConfig
 
 
 def _gaussian(n, mean, cov, seed):
@@ -303,7 +307,8 @@ def test_eval_command_writes_the_report_and_prints_the_table(shared, monkeypatch
         == 0
     )
     out, err = capsys.readouterr()
-    assert "domain fd_dom" in out and "nll bpd" in out and "inception" in out
+    assert "domain fd_dom" in out and "inception" in out
+    assert "bits/dim -log p(x|y) bpd_sem" in out and "bits/dim -log p(x) bpd_sem" in out
     assert err.count("Inception metrics skipped") == 1 and "--inception-weights" in err
     reports = list(run.glob("eval-*-ddim3.json"))
     assert len(reports) == 1
@@ -312,7 +317,10 @@ def test_eval_command_writes_the_report_and_prints_the_table(shared, monkeypatch
     assert report["versions"]["torch"] == torch.__version__ and report["command"][:2] == ["ddpmkit", "eval"]
     results = report["results"]
     assert results["domain"]["n"] == 20 and 0 <= results["domain"]["conditional_accuracy"] <= 1
-    assert results["nll"]["n"] == 4 and results["nll"]["t"] == [1, 2, 27] and results["nll"]["bpd"] > 0
+    for quantity, label in (("conditional", "-log p(x|y)"), ("unconditional", "-log p(x)")):
+        nll = results["nll"][quantity]
+        assert nll["quantity"] == label and nll["n"] == 4 and nll["t"] == [1, 2, 27]
+        assert nll["bpd"] > 0 and nll["bpd_sem"] > 0 and nll["seconds"] >= 0
     assert "skipped" in results["inception"]
 
 
@@ -362,6 +370,48 @@ def test_eval_reference_scores_real_training_images(shared, monkeypatch, capsys,
         == 0
     )  # auto: no Inception on a CPU, and says so
     assert capsys.readouterr().err.count("--inception on") == 1
+
+
+def _tiny_run_config(**data):
+    config = RunConfig()
+    config.model.base_channels, config.model.channel_mults, config.model.attn_resolutions = 8, (1, 2), (14,)
+    config.model.num_heads, config.diffusion.timesteps = 2, 20
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    "data, measured",
+    [
+        ({}, ("conditional", "unconditional")),
+        ({"label_dropout": 0.0}, ("conditional",)),
+        ({"conditional": False}, ("unconditional",)),
+    ],
+)
+def test_bits_per_dim_reports_each_likelihood_the_model_has(data, measured, capsys):
+    """-log p(x|y) with the images' classes and -log p(x) with the null class (trained by label
+    dropout); what a model does not have is skipped with the reason, never computed from an
+    untrained null class."""
+    config = _tiny_run_config(**data)
+    torch.manual_seed(0)
+    den = build.denoiser(config, perturb(build.net(config)).eval(), precision="fp32")
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 4, 9])
+    out = bits_per_dim(config, den, images, labels, stride=5, batch_size=2, seed=3, progress=False)
+    assert [out[q]["quantity"] for q in out] == ["-log p(x|y)", "-log p(x)"]
+    for quantity, y in (("conditional", labels), ("unconditional", None)):
+        if quantity not in measured:
+            assert "skipped" in out[quantity] and "bpd" not in out[quantity]
+            assert f"bits/dim {out[quantity]['quantity']} skipped: " in capsys.readouterr().err
+            continue
+        same_noise = nll_bpd(den, images, y, stride=5, batch_size=2, generator=torch.Generator().manual_seed(3))
+        assert out[quantity]["bpd"] == pytest.approx(same_noise["bpd"], rel=1e-9)
+        assert out[quantity]["bpd_sem"] == pytest.approx(same_noise["bpd_sem"], rel=1e-9)
+    if len(measured) == 2:  # the class matters to a conditional network
+        assert out["conditional"]["bpd"] != pytest.approx(out["unconditional"]["bpd"], rel=1e-6)
+    if data.get("label_dropout") == 0.0:
+        assert "label dropout" in out["unconditional"]["skipped"]
 
 
 def test_eval_refuses_bad_arguments(capsys):
