@@ -116,7 +116,11 @@ BOOL_FLAGS = {
     "--unconditional": ("data.conditional", False, "train without class labels"),
     "--self-condition": ("model.self_condition", True, "self-conditioning on the previous x0 estimate"),
     "--final-res-block": ("model.final_res_block", True, "seed 003: a last residual block on [x, first features]"),
-    "--learn-sigma": ("diffusion.learn_sigma", True, "learn the reverse variances (L_simple + 0.001 L_vlb)"),
+    "--learn-sigma": (
+        "diffusion.learn_sigma",
+        True,
+        "learn the reverse variances (L_simple + 0.001 L_vlb; min-SNR weights the L_simple part)",
+    ),
     "--stream": (
         "data.stream",
         True,
