@@ -14,7 +14,8 @@ NUM_CLASSES = 4
 
 
 class ClassNet(torch.nn.Module):
-    """out = 0.3 x_t + (y + 1): each class (and the null class, y = 4) has its own known output."""
+    """out = 0.3 x_t + (y + 1): each class (and the null class, y = 4) has its own known output
+    (0.3 x_t for an unconditional net, which gets y = None)."""
 
     def __init__(self):
         super().__init__()
@@ -22,7 +23,7 @@ class ClassNet(torch.nn.Module):
 
     def forward(self, x_t, t, y=None, x_self_cond=None):
         self.seen.append(None if y is None else y.clone())
-        return 0.3 * x_t + (y.float() + 1).reshape(-1, 1, 1, 1)
+        return 0.3 * x_t + (0 if y is None else (y.float() + 1).reshape(-1, 1, 1, 1))
 
 
 def _denoiser(objective="eps", **kwargs):
@@ -79,11 +80,13 @@ def test_an_untrained_null_class_is_refused(call):
     assert torch.allclose(den(x_t, t, y).eps, 0.3 * x_t + (y.float() + 1).reshape(-1, 1, 1, 1), atol=1e-6)
 
 
-def test_guidance_on_an_unconditional_model_is_refused():
+def test_guidance_on_an_unconditional_model():
+    """Refused with labels; without them both branches are the unconditional model, which it returns."""
     den = Denoiser(ClassNet(), cosine(50), "eps", clip_x0=False)
-    x_t, t, _ = _inputs()
-    with pytest.raises(DdpmkitError, match="unconditional"):
-        den(x_t, t, None, guidance=2.0)
+    x_t, t, y = _inputs()
+    with pytest.raises(DdpmkitError, match="guidance needs a class-conditional model"):
+        den(x_t, t, y, guidance=2.0)
+    assert torch.equal(den(x_t, t, None, guidance=2.0).eps, den(x_t, t).eps)
 
 
 @pytest.mark.parametrize("label_dropout, trained", [(0.1, True), (0.0, False)])

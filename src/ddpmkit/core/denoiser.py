@@ -80,10 +80,13 @@ class Denoiser(nn.Module):
         x_self_cond: torch.Tensor | None = None,
     ) -> Prediction:
         t = _as_steps(t, x_t)
-        if y is None or guidance != 1.0:
-            self._check_null_class(y, guidance)
-        if y is None or guidance == 1.0:
+        if y is None or guidance == 1.0:  # y = None: the unconditional model, which guidance leaves as it is
+            if y is None:
+                self._check_null_class("y = None (the unconditional model)")
             return self._predict(x_t, t, y, x_self_cond)
+        if self.num_classes == 0:
+            raise DdpmkitError("guidance needs a class-conditional model; this one is unconditional")
+        self._check_null_class(f"guidance {guidance:g}")
         null = torch.full_like(y, self.null_class)
         if guidance == 0.0:
             return self._predict(x_t, t, null, x_self_cond)
@@ -100,12 +103,9 @@ class Denoiser(nn.Module):
         eps = (1 - guidance) * eps_null + guidance * eps_cond  # eps_hat = (1 - w) eps_null + w eps_cond
         return self._finish(x_t, t, diffusion.x0_from_eps(self.schedule, x_t, t, eps), eps, out_cond.var_frac)
 
-    def _check_null_class(self, y, guidance: float) -> None:
+    def _check_null_class(self, asked: str) -> None:
         """Refuse what would need the null class of a conditional net that never trained it."""
-        if guidance != 1.0 and self.num_classes == 0:
-            raise DdpmkitError("guidance needs a class-conditional model; this one is unconditional")
         if self.num_classes > 0 and not self.null_class_trained:
-            asked = "y = None (the unconditional model)" if y is None else f"guidance {guidance:g}"
             raise DdpmkitError(
                 f"{asked} needs the null class, but this conditional model was trained without label "
                 "dropout; give class labels with guidance 1, or retrain with --label-dropout 0.1"
