@@ -13,4 +13,9 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
 python -m pip install --quiet -e ".${extras:+[$extras]}"
+if [[ ",$extras," == *",test,"* ]]; then
+  # the cross-check of ddpmkit's InceptionV3 against torch-fidelity's class (tests/test_evaluate.py), which
+  # needs only torch: --no-deps keeps pip from installing torchvision or another torch build
+  python -m pip install --quiet --no-deps "torch-fidelity>=0.3"
+fi
 python -c "import torch, ddpmkit; print(f'ddpmkit {ddpmkit.__version__} with torch {torch.__version__} ready in .venv')"

@@ -188,3 +188,34 @@ def test_distill_baselines_parse_and_the_report_compares_with_the_first():
         "ended."
     )
     assert "| 5.0 |" in text  # the 4-step student existed 5 minutes into the distillation
+
+
+def test_headline_names_the_cpu_kind_and_labels_both_likelihoods():
+    headline = _bench_module("headline")
+    assert headline.cpu_kind({"avx2", "avx512f", "avx512_bf16"}) == "AVX-512 BF16"
+    assert headline.cpu_kind({"avx2", "amx_bf16"}) == "AVX-512 BF16"
+    assert headline.cpu_kind({"avx2", "avx512f"}) == "AVX-512 (no bf16)"
+    assert headline.cpu_kind({"avx2"}) == "AVX2" and headline.cpu_kind(set()) == "no AVX2"
+    domain = {"fd_dom": 24.8, "conditional_accuracy": 0.868, "precision": 0.836, "recall": 0.72}
+    nll = {
+        "conditional": {"quantity": "-log p(x|y)", "bpd": 3.49, "bpd_sem": 0.04},
+        "unconditional": {"quantity": "-log p(x)", "bpd": 3.61, "bpd_sem": 0.05},
+    }
+    rows = {key: {"results": {"domain": domain}, "seconds": 10.0} for key, _, _ in headline.ROWS}
+    rows["ddim50"] = {"results": {"domain": domain, "nll": nll}, "seconds": 600.0, "nll_n": 1000, "nll_stride": 10}
+    rows["dpmpp15"]["sampling"] = {"spacing": "uniform"}
+    machine = {"cpu": "X", "cores": 2, "threads": 2, "cpu_kind": "AVX2", "auto_precision": "fp32", "torch": "2"}
+    result = {
+        "date": "d",
+        "command": "python bench/headline.py",
+        "minutes": 15.0,
+        "n": 1000,
+        "machine": {**machine, "python": "3", "load_average_at_start": 0.0},
+        "train": {"steps": 1400, "images_seen": 89600, "last_images_per_s": 100.0, "seconds": 900.0},
+        "rows": rows,
+        "samples_png": "s.png",
+    }
+    text = headline.table(result)
+    assert "CPU kind **AVX2**, `--precision auto` = **fp32**" in text and "step 1,400" in text
+    assert "bits/dim -log p(x\\|y) | bits/dim -log p(x) |" in text
+    assert "| 3.49 ± 0.04 | 3.61 ± 0.05 | 600 |" in text and "15 steps, uniform spacing (the default)" in text

@@ -330,7 +330,7 @@ def test_corrupt_safetensors_is_a_one_line_error(tmp_path, damage):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b'{"step": 1, "format": 99}', "has checkpoint format 99, this ddpmkit reads format 1"),
+        (b'{"step": 1, "format": 99}', "has checkpoint format 99, this ddpmkit reads formats 1, 2"),
         (b'{"step": 1}', "has checkpoint format None"),
         (b"[1, 2]", "has checkpoint format None"),
         (b'{"step": 1, "form', "cannot read .*state.json: "),
@@ -380,3 +380,22 @@ def test_a_damaged_config_json_is_one_clear_error(tmp_path, text):
     with pytest.raises(DdpmkitError, match="config") as caught:
         checkpoint.load_config(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "schedule, T, readable", [("cosine", 100, True), ("linear", 1000, True), ("linear", 100, False)]
+)
+def test_format_1_checkpoints_load_unless_their_linear_schedule_has_changed(tmp_path, schedule, T, readable):
+    """Format 1 predates scaling the linear schedule by 1000 / T: only linear runs at T != 1000 differ."""
+    ckpt = save(tmp_path, 1)
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "format": 1}))
+    config = RunConfig()
+    config.diffusion.schedule, config.diffusion.timesteps = schedule, T
+    assert checkpoint.load_state(ckpt)[0]["format"] == 1  # without a config: the files are the same
+    if readable:
+        assert checkpoint.load_state(ckpt, config)[0]["step"] == 1
+    else:
+        with pytest.raises(DdpmkitError, match=r"linear schedule at T = 100 before .* retrain it") as caught:
+            checkpoint.load_state(ckpt, config)
+        assert "\n" not in str(caught.value)

@@ -128,6 +128,10 @@ TRAIN_CASES = {
         "--epochs 3.7e+306 is more optimizer steps than can be counted",
     ),
     "timesteps zero": (lambda c: train_argv(c, "--timesteps", 0), "--timesteps must be >= 1, got 0"),
+    "signal left in x_T": (
+        lambda c: train_argv(c, "--schedule", "linear", "--timesteps", 1, "--sample-steps", 1),
+        "the linear schedule with T = 1 keeps alpha_bar_T = 0.9 of the image",
+    ),
     "sample steps beyond T": (lambda c: train_argv(c, "--sample-steps", 51), "--sample-steps 51 exceeds the 50"),
     "sample steps zero": (lambda c: train_argv(c, "--sample-steps", 0), "sampling steps must be a positive"),
     "eta above 1": (lambda c: train_argv(c, "--eta", 1.5), "--eta must be in [0, 1], got 1.5"),

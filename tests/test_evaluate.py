@@ -1,19 +1,32 @@
 """Sample-quality metrics against known answers, the domain classifier and its cache, the Inception
 wiring (with a stand-in extractor: the real weights cannot be downloaded here) and `ddpmkit eval`."""
 
+import importlib
+import importlib.metadata
 import json
 import math
+import pathlib
+import sys
+import types
 import urllib.error
 
+import numpy
 import pytest
 import torch
-from conftest import FAST, TINY_MODEL, make_idx_dataset
+from conftest import FAST, TINY_MODEL, make_idx_dataset, perturb
+from safetensors.torch import save_file
 
 from ddpmkit.cli import main
+from ddpmkit.core.likelihood import nll_bpd
 from ddpmkit.data import load_dataset, to_model_range, to_uint8
+from ddpmkit.errors import DdpmkitError
 from ddpmkit.eval import domain, inception
 from ddpmkit.eval.inception import InceptionMetrics, InceptionUnavailable
+from ddpmkit.eval.inceptionv3 import InceptionV3, resize_bilinear_tf1
 from ddpmkit.eval.metrics import feature_stats, frechet_distance, gaussian_blur, inception_score, precision_recall
+from ddpmkit.eval.report import bits_per_dim
+from ddpmkit.run import build
+from ddpmkit.run.config import RunConfig
 
 
 def _gaussian(n, mean, cov, seed):
@@ -59,26 +72,61 @@ def test_fd_of_non_commuting_2x2_covariances_is_the_closed_form():
     assert frechet_distance(*feature_stats(f1), *feature_stats(f2)) == pytest.approx(expected, rel=0.02)
 
 
-def test_fd_matches_torchmetrics():
-    fid = pytest.importorskip("torchmetrics.image.fid")
+def _fd_by_eigenvalues(mu1, s1, mu2, s2) -> float:
+    """Fréchet distance the other way round: tr (S1 S2)^(1/2) as the sum of square roots of the
+    eigenvalues of the non-symmetric product S1 S2 (real and >= 0: it is similar to a PSD matrix)."""
+    mu1, s1, mu2, s2 = (numpy.asarray(v, dtype=numpy.float64) for v in (mu1, s1, mu2, s2))
+    eig = numpy.linalg.eigvals(s1 @ s2)
+    assert numpy.abs(eig.imag).max() < 1e-9 * numpy.abs(eig).max()
+    tr_sqrt = numpy.sqrt(numpy.clip(eig.real, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + numpy.trace(s1) + numpy.trace(s2) - 2 * tr_sqrt)
+
+
+def test_fd_matches_an_independent_computation():
     f1 = _gaussian(500, [0.0] * 8, torch.eye(8, dtype=torch.float64), 4)
     f2 = _gaussian(500, [0.2] * 8, torch.eye(8, dtype=torch.float64) * 2 + 0.3, 5)
     (m1, c1), (m2, c2) = feature_stats(f1), feature_stats(f2)
-    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(fid._compute_fid(m1, c1, m2, c2).item(), rel=1e-9)
+    assert torch.allclose(c1, torch.from_numpy(numpy.cov(f1.numpy(), rowvar=False)), atol=1e-12)  # unbiased
+    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(_fd_by_eigenvalues(m1, c1, m2, c2), rel=1e-9)
 
 
 # ---- precision and recall -----------------------------------------------------------------------
 
 
-def test_precision_recall_identical_far_and_half_covered():
-    real = _gaussian(400, [0.0, 0.0], torch.eye(2, dtype=torch.float64), 6)
-    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+def _uniform(n, x_from, seed):
+    """n points uniform on [x_from, x_from + width] x [0, 1] (width 1, or given as a pair)."""
+    lo, hi = x_from if isinstance(x_from, tuple) else (x_from, x_from + 1.0)
+    u = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.stack([lo + (hi - lo) * u[:, 0], u[:, 1]], 1)
+
+
+@pytest.mark.parametrize(
+    "fake_x, precision, recall",
+    [
+        ((0.5, 1.5), 0.5, 0.5),  # shifted by half: half of each support lies in the other
+        ((0.0, 0.5), 1.0, 0.5),  # the left half of the real support: real-looking, half the variety
+        ((-1.0, 2.0), 1 / 3, 1.0),  # three times as wide: a third lands on real data, all real data covered
+        ((2.0, 3.0), 0.0, 0.0),  # disjoint
+    ],
+)
+def test_precision_recall_of_independent_samples_with_known_overlap(fake_x, precision, recall):
+    """Real ~ U([0, 1]^2) and fake ~ U(fake_x x [0, 1]), drawn independently. As n grows the k-NN
+    manifolds shrink onto the supports, so precision -> |overlap| / |fake support| and recall ->
+    |overlap| / |real support|. At n = 2000 (ball radius ~0.02) the union of balls misses 2-3% in
+    gaps and reaches about 1% beyond the edges, hence the tolerance."""
+    real, fake = _uniform(2000, (0.0, 1.0), seed=6), _uniform(2000, fake_x, seed=7)
+    p, r = precision_recall(real, fake)
+    assert p == pytest.approx(precision, abs=0.04) and r == pytest.approx(recall, abs=0.04)
+
+
+def test_precision_recall_of_two_samples_of_one_gaussian_is_high_but_not_one():
+    """Independent samples of the same distribution: not (1, 1) by construction, but close; a point
+    falls outside the union of the other set's 3-NN balls only in the sparse tails."""
+    real = _gaussian(2000, [0.0, 0.0], torch.eye(2, dtype=torch.float64), 6)
+    fake = _gaussian(2000, [0.0, 0.0], torch.eye(2, dtype=torch.float64), 8)
+    p, r = precision_recall(real, fake)
+    assert 0.9 < p < 1.0 and 0.9 < r < 1.0
     assert precision_recall(real, real + 100.0) == (0.0, 0.0)
-    # fake = the real points of the left half only: all fakes are real-looking, half the reals are covered
-    fake = real[real[:, 0] < 0]
-    precision, recall = precision_recall(real, fake)
-    assert precision == 1.0
-    assert 0.4 < recall < 0.65
 
 
 # ---- Inception score and the FID wiring -----------------------------------------------------------
@@ -116,33 +164,143 @@ def _images(n, seed, shift=0.0):
     return (torch.rand(n, 1, 12, 12, generator=g) * 1.6 - 0.8 + shift).clamp(-1, 1)
 
 
-def test_inception_wiring_with_a_stand_in_extractor_matches_torchmetrics():
-    tm_fid = pytest.importorskip("torchmetrics.image.fid")
-    tm_is = pytest.importorskip("torchmetrics.image.inception")
+def test_inception_wiring_with_a_stand_in_extractor_matches_a_hand_computation():
+    """InceptionMetrics turns images into 8-bit RGB for the extractor, in batches, and scores its
+    features and logits: the same numbers computed here directly from the extractor, in numpy."""
     fake = _FakeInception()
     real, generated = _images(300, 0), _images(200, 1, shift=0.15)
     ref_feats, _ = inception.inception_features(fake, real)
     metrics = InceptionMetrics(fake, *feature_stats(ref_feats), batch_size=64)
     scores = metrics.score(generated)
-    assert math.isfinite(scores["fid"]) and scores["fid"] > 0 and scores["inception_score"] >= 1
+    assert fake.calls == 3 + 4  # 300 and 200 images in batches of 100 and 64
 
-    class FeaturesOnly(torch.nn.Module):  # torchmetrics wants one [B, d] output from a custom extractor
-        def __init__(self, index):
-            super().__init__()
-            self.index = index
+    def direct(images):  # grayscale in [-1, 1] -> uint8 RGB, one pass
+        with torch.no_grad():
+            f, z = fake(to_uint8(images).expand(-1, 3, -1, -1))
+        return f.double().numpy(), z.double().numpy()
 
-        def forward(self, x):
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            return fake(x)[self.index].double()
+    (f_real, _), (f_gen, z_gen) = direct(real), direct(generated)
+    stats = [(f.mean(0), numpy.cov(f, rowvar=False)) for f in (f_gen, f_real)]
+    assert scores["fid"] == pytest.approx(_fd_by_eigenvalues(*stats[0], *stats[1]), rel=1e-6)
+    assert scores["fid"] > 0
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0)).numpy()  # inception_score's split
+    by_hand = []
+    for part in numpy.array_split(z_gen[order], 10):
+        p = numpy.exp(part - part.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        by_hand.append(numpy.exp((p * (numpy.log(p) - numpy.log(p.mean(0)))).sum(1).mean()))
+    assert scores["inception_score"] == pytest.approx(numpy.mean(by_hand), rel=1e-9)
+    assert scores["inception_score_std"] == pytest.approx(numpy.std(by_hand, ddof=1), rel=1e-6)
 
-    reference = tm_fid.FrechetInceptionDistance(feature=FeaturesOnly(0), input_img_size=(3, 12, 12))
-    reference.update(to_uint8(real), real=True)
-    reference.update(to_uint8(generated), real=False)
-    assert scores["fid"] == pytest.approx(reference.compute().item(), rel=1e-6)
-    ours = inception_score(inception.inception_features(fake, generated)[1], splits=1)[0]
-    theirs = tm_is.InceptionScore(feature=FeaturesOnly(1), splits=1)
-    theirs.update(to_uint8(generated))
-    assert ours == pytest.approx(theirs.compute()[0].item(), rel=1e-6)
+
+# ---- the FID InceptionV3 itself (random weights: the real ones cannot be downloaded here) ----------
+
+
+@pytest.fixture(scope="module")
+def inception_net():
+    """The architecture with random weights and batch-norm statistics (a fixed seed), scaled so that the
+    image shows in the features (with PyTorch's default init two images' features differ by 1e-7)."""
+    torch.manual_seed(0)
+    net = InceptionV3()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.8, 1.2)
+                m.weight.uniform_(0.8, 1.2), m.bias.uniform_(-0.1, 0.1)
+    return net.eval()
+
+
+def test_the_fid_inceptionv3_gives_the_features_the_fid_code_uses(inception_net):
+    """The names and shapes FID and IS ask for: 2048 pooled features and 1008 bias-free logits per
+    image, from any image size (resized to 299x299), grayscale repeated to RGB; the parameters are
+    laid out as in torch-fidelity's weights file (23,850,960 of them, under its names)."""
+    state = inception_net.state_dict()
+    assert sum(p.numel() for p in inception_net.parameters()) == 23_850_960
+    assert state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3) and state["fc.weight"].shape == (1008, 2048)
+    assert state["Mixed_6e.branch7x7dbl_5.conv.weight"].shape == (192, 192, 1, 7)
+    assert state["Mixed_7c.branch3x3dbl_3b.bn.running_var"].shape == (384,)
+    images = _images(2, 3)[:, :, :10, :10]  # [2, 1, 10, 10]
+    feats, logits = inception.inception_features(inception_net, images)
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and feats.dtype == logits.dtype == torch.float64
+    assert bool((feats >= 0).all())  # means of ReLU outputs
+    assert (feats[0] - feats[1]).std() > 0.05 * feats.std()  # each image its own features
+    assert torch.allclose(logits, feats @ inception_net.fc.weight.detach().double().T, rtol=1e-4, atol=1e-5)
+    again, _ = inception.inception_features(inception_net, images[1:])
+    assert torch.allclose(again[0], feats[1], rtol=1e-4, atol=1e-6)  # one image alone: the same features
+    with pytest.raises(DdpmkitError, match="uint8 RGB"):
+        inception_net(torch.zeros(1, 3, 8, 8))
+
+
+def test_resize_is_tf1_bilinear():
+    """TF 1.x resize_bilinear without align_corners: output pixel i samples the input at i * in / out."""
+    x = torch.arange(4.0).reshape(1, 1, 1, 4).expand(1, 1, 2, 4)  # each row 0, 1, 2, 3
+    assert resize_bilinear_tf1(x, 8)[0, 0, 0].tolist() == [0, 0.5, 1, 1.5, 2, 2.5, 3, 3]  # the last repeats
+    assert resize_bilinear_tf1(x, 2)[0, 0, 0].tolist() == [0, 2]  # i * 2: no half-pixel offset
+
+
+def test_inception_weights_are_read_safely_and_checked(inception_net, tmp_path):
+    state = inception_net.state_dict()
+    without = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # as some files are
+    torch.save(state, tmp_path / "w.pth")  # torch-fidelity's format
+    save_file({k: v.contiguous() for k, v in without.items()}, str(tmp_path / "w.safetensors"))
+    for name in ("w.pth", "w.safetensors"):
+        loaded = inception.load_inception(tmp_path / name).state_dict()
+        assert all(torch.equal(v, loaded[k]) for k, v in without.items())
+    damaged = {**without, "fc.weight": torch.zeros(10, 2048)}
+    del damaged["fc.bias"]
+    torch.save(damaged, tmp_path / "damaged.pth")
+    with pytest.raises(DdpmkitError, match=r"not the FID InceptionV3's weights: 2 problem\(s\), e.g. fc.bias missing"):
+        inception.load_inception(tmp_path / "damaged.pth")
+    marker = tmp_path / "pwned"
+    torch.save({"fc.weight": _Payload(marker)}, tmp_path / "crafted.pth")
+    with pytest.raises(DdpmkitError, match="cannot read Inception weights") as why:
+        inception.load_inception(tmp_path / "crafted.pth")
+    assert "\n" not in str(why.value) and not marker.exists()
+
+
+class _Payload:
+    """Unpickling this would create `marker`: what a crafted weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def _torch_fidelity_inceptionv3(monkeypatch):
+    """torch-fidelity's own FeatureExtractorInceptionV3 class, from its installed files, without its
+    package __init__ (which imports torchvision for other extractors): a bare package module stands
+    in for it while the one submodule (which needs only torch) is imported."""
+    try:
+        root = importlib.metadata.distribution("torch-fidelity").locate_file("torch_fidelity")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("torch-fidelity is not installed (scripts/setup.sh installs it with --no-deps for the tests)")
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = [str(root)]
+    before = set(sys.modules)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", package)
+    module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    for name in set(sys.modules) - before:
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # removed again after the test
+    return module.FeatureExtractorInceptionV3
+
+
+def test_the_fid_inceptionv3_matches_torch_fidelitys(inception_net, tmp_path, monkeypatch):
+    """The same weights file in both; the same uint8 images in: the same features and logits."""
+    theirs_class = _torch_fidelity_inceptionv3(monkeypatch)
+    torch.save(inception_net.state_dict(), tmp_path / "w.pth")
+    theirs = theirs_class(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(tmp_path / "w.pth")
+    )
+    assert set(theirs.state_dict()) == set(inception_net.state_dict())
+    images = torch.randint(0, 256, (1, 3, 21, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, reference = inception_net(images), theirs(images)
+    for a, b in zip(ours, reference):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_inception_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
@@ -162,12 +320,6 @@ def test_inception_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
     found.parent.mkdir(parents=True)
     found.write_bytes(b"x")
     assert inception.inception_weights(None) == found  # a copy in torch's hub cache is used
-
-
-def test_inception_without_torch_fidelity_says_how_to_get_it(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)  # makes the import fail
-    with pytest.raises(InceptionUnavailable, match=r"pip install 'ddpmkit\[eval\]'.*--inception-weights"):
-        InceptionMetrics.for_dataset("mnist")
 
 
 def test_gaussian_blur_keeps_constants_and_mass():
@@ -206,17 +358,22 @@ def test_domain_classifier_learns_and_is_cached(shared, monkeypatch):
     assert torch.allclose(first.ref_sigma, second.ref_sigma)
 
 
-def test_domain_scores_of_real_and_of_noise(shared, monkeypatch):
+def test_domain_scores_of_unseen_real_images_and_of_noise(shared, monkeypatch, tmp_path):
+    """Scored against the test set's reference: new images of the same kind (another draw of the
+    dataset's generator, none of them in the reference) score well, uniform noise badly."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared["cache"]))
     metrics = domain.DomainMetrics.for_dataset("mnist", shared["data"], progress=False)
-    test = load_dataset("mnist", "test", shared["data"])
-    real = metrics.score(to_model_range(test.images), test.labels)
-    assert real["conditional_accuracy"] >= 0.9 and real["precision"] == 1.0 and real["recall"] == 1.0
-    assert real["class_entropy"] == pytest.approx(math.log(10), abs=0.15)  # 24 images, near-balanced
-    noise = metrics.score(torch.rand(24, 1, 28, 28) * 2 - 1)
+    fresh = load_dataset("mnist", "train", make_idx_dataset(tmp_path / "fresh", n=40, seed=1))
+    reference = load_dataset("mnist", "test", shared["data"])
+    assert not any(bool((img == reference.images).flatten(1).all(1).any()) for img in fresh.images)
+    real = metrics.score(to_model_range(fresh.images), fresh.labels)
+    assert real["conditional_accuracy"] >= 0.9 and real["reference_n"] == 24 and real["n"] == 40
+    assert real["precision"] >= 0.8 and real["recall"] >= 0.8
+    assert real["class_entropy"] == pytest.approx(math.log(10), abs=0.15)  # 40 images, 4 per class
+    noise = metrics.score(torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert noise["conditional_accuracy"] is None
-    assert noise["fd_dom"] > 100 * max(real["fd_dom"], 1e-3) and noise["recall"] == 0.0
-    assert real["reference_n"] == 24
+    assert noise["fd_dom"] > 20 * real["fd_dom"] and noise["recall"] == 0.0
+    assert noise["precision"] < real["precision"]
 
 
 # ---- `ddpmkit eval` -------------------------------------------------------------------------------------
@@ -273,7 +430,8 @@ def test_eval_command_writes_the_report_and_prints_the_table(shared, monkeypatch
         == 0
     )
     out, err = capsys.readouterr()
-    assert "domain fd_dom" in out and "nll bpd" in out and "inception" in out
+    assert "domain fd_dom" in out and "inception" in out
+    assert "bits/dim -log p(x|y) bpd_sem" in out and "bits/dim -log p(x) bpd_sem" in out
     assert err.count("Inception metrics skipped") == 1 and "--inception-weights" in err
     reports = list(run.glob("eval-*-ddim3.json"))
     assert len(reports) == 1
@@ -282,7 +440,10 @@ def test_eval_command_writes_the_report_and_prints_the_table(shared, monkeypatch
     assert report["versions"]["torch"] == torch.__version__ and report["command"][:2] == ["ddpmkit", "eval"]
     results = report["results"]
     assert results["domain"]["n"] == 20 and 0 <= results["domain"]["conditional_accuracy"] <= 1
-    assert results["nll"]["n"] == 4 and results["nll"]["t"] == [1, 2, 27] and results["nll"]["bpd"] > 0
+    for quantity, label in (("conditional", "-log p(x|y)"), ("unconditional", "-log p(x)")):
+        nll = results["nll"][quantity]
+        assert nll["quantity"] == label and nll["n"] == 4 and nll["t"] == [1, 2, 27]
+        assert nll["bpd"] > 0 and nll["bpd_sem"] > 0 and nll["seconds"] >= 0
     assert "skipped" in results["inception"]
 
 
@@ -332,6 +493,48 @@ def test_eval_reference_scores_real_training_images(shared, monkeypatch, capsys,
         == 0
     )  # auto: no Inception on a CPU, and says so
     assert capsys.readouterr().err.count("--inception on") == 1
+
+
+def _tiny_run_config(**data):
+    config = RunConfig()
+    config.model.base_channels, config.model.channel_mults, config.model.attn_resolutions = 8, (1, 2), (14,)
+    config.model.num_heads, config.diffusion.timesteps = 2, 20
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    "data, measured",
+    [
+        ({}, ("conditional", "unconditional")),
+        ({"label_dropout": 0.0}, ("conditional",)),
+        ({"conditional": False}, ("unconditional",)),
+    ],
+)
+def test_bits_per_dim_reports_each_likelihood_the_model_has(data, measured, capsys):
+    """-log p(x|y) with the images' classes and -log p(x) with the null class (trained by label
+    dropout); what a model does not have is skipped with the reason, never computed from an
+    untrained null class."""
+    config = _tiny_run_config(**data)
+    torch.manual_seed(0)
+    den = build.denoiser(config, perturb(build.net(config)).eval(), precision="fp32")
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 4, 9])
+    out = bits_per_dim(config, den, images, labels, stride=5, batch_size=2, seed=3, progress=False)
+    assert [out[q]["quantity"] for q in out] == ["-log p(x|y)", "-log p(x)"]
+    for quantity, y in (("conditional", labels), ("unconditional", None)):
+        if quantity not in measured:
+            assert "skipped" in out[quantity] and "bpd" not in out[quantity]
+            assert f"bits/dim {out[quantity]['quantity']} skipped: " in capsys.readouterr().err
+            continue
+        same_noise = nll_bpd(den, images, y, stride=5, batch_size=2, generator=torch.Generator().manual_seed(3))
+        assert out[quantity]["bpd"] == pytest.approx(same_noise["bpd"], rel=1e-9)
+        assert out[quantity]["bpd_sem"] == pytest.approx(same_noise["bpd_sem"], rel=1e-9)
+    if len(measured) == 2:  # the class matters to a conditional network
+        assert out["conditional"]["bpd"] != pytest.approx(out["unconditional"]["bpd"], rel=1e-6)
+    if data.get("label_dropout") == 0.0:
+        assert "label dropout" in out["unconditional"]["skipped"]
 
 
 def test_eval_refuses_bad_arguments(capsys):

@@ -588,11 +588,11 @@ def test_train_state_without_the_optimizer_is_a_clear_error_on_resume(trained, c
 def test_a_wrong_checkpoint_format_is_refused(trained, capsys, tmp_path):
     data, run, ckpt = trained
     state = json.loads((ckpt / "state.json").read_text())
-    (ckpt / "state.json").write_text(json.dumps({**state, "format": 2}))
+    (ckpt / "state.json").write_text(json.dumps({**state, "format": 3}))
     assert main([*train_flags(data, steps=4), "--out", str(run), "--resume"]) == 2
-    one_line(capsys, f"ddpmkit train: error: {ckpt} has checkpoint format 2, this ddpmkit reads format 1")
+    one_line(capsys, f"ddpmkit train: error: {ckpt} has checkpoint format 3, this ddpmkit reads formats 1, 2")
     assert main(["sample", str(run), "--out", str(tmp_path / "s.png")]) == 2
-    one_line(capsys, f"ddpmkit sample: error: {ckpt} has checkpoint format 2")
+    one_line(capsys, f"ddpmkit sample: error: {ckpt} has checkpoint format 3")
 
 
 def test_corrupt_weights_are_one_line_for_sample_and_resume(trained, capsys, tmp_path):

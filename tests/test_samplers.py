@@ -351,3 +351,35 @@ def test_every_sampler_samples_a_trained_run_with_guidance(trained_run, name, tm
     assert not np.array_equal(guided, sample(1.0))  # the guidance reached the sampler
     if name in CLI_OPTIONS:
         assert not np.array_equal(guided, sample(3.0, *CLI_OPTIONS[name]))  # and so did its options
+
+
+def _ddpm_output_law(schedule, steps, variance):
+    """Mean and variance of ddpm's output on Gaussian data, in closed form (scalars, float64).
+
+    Every step is affine in x_t plus independent noise: x0_hat = mu + k (x_t - sqrt(abar_t) mu) with
+    k = sqrt(abar_t) s^2 / (abar_t s^2 + 1 - abar_t) (the oracle), x_s = c0 x0_hat + c1 x_t + sigma z
+    (the posterior q(x_s | x_t, x0_hat) of any pair s < t), so a Gaussian x_T stays Gaussian."""
+    m, v = 0.0, 1.0  # x_T ~ N(0, 1)
+    for t, s in zip(steps, [*steps[1:], 0]):
+        a_t, a_s = float(schedule.alpha_bar[t]), float(schedule.alpha_bar[s])
+        k = math.sqrt(a_t) * S**2 / (a_t * S**2 + 1 - a_t)
+        beta_ts = 1 - a_t / a_s
+        c0, c1 = math.sqrt(a_s) * beta_ts / (1 - a_t), math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t)
+        sigma2 = 0.0 if s == 0 else beta_ts if variance == "beta" else (1 - a_s) / (1 - a_t) * beta_ts
+        m = c0 * (MU + k * (m - math.sqrt(a_t) * MU)) + c1 * m
+        v = (c0 * k + c1) ** 2 * v + sigma2
+    return m, v
+
+
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+@pytest.mark.parametrize("n_steps", [10, 50, 100])
+def test_respaced_ddpm_has_the_known_output_law(n_steps, variance):
+    """Respaced DDPM on the exact denoiser of Gaussian data, at 10, 50 and all T = 100 steps: the
+    samples' mean and std match the closed form (std 0.21 at 10 steps, 0.28 at 100 with beta_tilde;
+    the data's is 0.3), so a wrong beta_{t|s}, mean coefficient or variance would show."""
+    sch = cosine(100)
+    steps = timesteps(100, n_steps)
+    out = ddpm(gaussian_denoiser(sch), x_T(2000), steps, generator=torch.Generator().manual_seed(1), variance=variance)
+    mean, var = _ddpm_output_law(sch, steps, variance)
+    assert float(out.mean()) == pytest.approx(mean, abs=0.006)
+    assert float(out.std()) == pytest.approx(math.sqrt(var), rel=0.015)

@@ -29,7 +29,7 @@ LAYERS = [
 ]
 LAZY_IMPORTS_ALLOWED = {"ddpmkit.cli"}  # the CLI imports a subcommand's modules only when it runs
 # optional extras, imported where they are used so that the core works without them: importer -> module prefix
-OPTIONAL_EXTRAS = {"ddpmkit.eval.inception": "torch_fidelity", "ddpmkit.serve": "gradio"}
+OPTIONAL_EXTRAS = {"ddpmkit.serve": "gradio"}
 
 
 def module_names(root: Path, package: str) -> dict[str, Path]:

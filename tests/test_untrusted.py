@@ -243,7 +243,7 @@ CASES = {
     "nested 100 deep": (nested(100), "nested more than 8 levels deep"),
     # state.json
     "a step as a string": (state('{"step": "2", "format": 1}'), "step must be an integer from 0 to"),
-    "format true": (state('{"step": 2, "format": true}'), "format must be an integer from 1 to 1, got True"),
+    "format true": (state('{"step": 2, "format": true}'), "format must be an integer from 1 to 2, got True"),
     "a global batch of 1e30": (state('{"step": 2, "format": 1, "global_batch": 1e30}'), "global_batch must be"),
     "a 2 MiB state.json": (state('{"step": 2, "format": 1}' + " " * (2 << 20)), "is larger than 1,048,576 bytes"),
     # weights

@@ -206,7 +206,11 @@ BOOL_FLAGS = {
     ),
     "--self-condition": ("model.self_condition", True, "self-conditioning on the previous x0 estimate"),
     "--final-res-block": ("model.final_res_block", True, "seed 003: a last residual block on [x, first features]"),
-    "--learn-sigma": ("diffusion.learn_sigma", True, "learn the reverse variances (L_simple + 0.001 L_vlb)"),
+    "--learn-sigma": (
+        "diffusion.learn_sigma",
+        True,
+        "learn the reverse variances (L_simple + 0.001 L_vlb; min-SNR weights the L_simple part)",
+    ),
     "--stream": (
         "data.stream",
         True,
@@ -674,7 +678,12 @@ def _eval_parser(sub) -> None:
     p.add_argument("--n", type=int, default=1000, help="images to generate (or real images) to score (1000)")
     _sampler_flags(p)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--nll-n", type=int, default=100, help="test images for bits/dim (100; 0 = skip)")
+    p.add_argument(
+        "--nll-n",
+        type=int,
+        default=1000,
+        help="test images for bits/dim, -log p(x|y) and -log p(x) (1000, standard error ~0.04; 0 = skip)",
+    )
     p.add_argument(
         "--nll-stride",
         type=int,

@@ -37,6 +37,9 @@ class NetOutput(NamedTuple):
 class Denoiser(nn.Module):
     """Wraps `net(x_t, t, y, x_self_cond)`; `num_classes` = 0 for an unconditional net.
 
+    null_class_trained: whether a conditional net was trained with label dropout, so that its null
+    class (index num_classes) is the unconditional model. Only then may it be asked for y = None or
+    guided (guidance != 1); otherwise those are refused rather than answered by an untrained class.
     clip_x0: clamp x0_hat to the data range [-1, 1] and recompute eps_hat from it, as
     improved-diffusion does when sampling (turn it off for exact-maths tests).
     precision: the autocast the network runs under here ("fp32": none of its own, so an enclosing
@@ -50,6 +53,7 @@ class Denoiser(nn.Module):
         objective: str = "eps",
         *,
         num_classes: int = 0,
+        null_class_trained: bool = True,
         learn_sigma: bool = False,
         self_condition: bool = False,
         clip_x0: bool = True,
@@ -60,6 +64,7 @@ class Denoiser(nn.Module):
             raise DdpmkitError(f"unknown objective {objective!r}; choose one of {', '.join(diffusion.OBJECTIVES)}")
         self.net, self.schedule, self.objective = net, schedule, objective
         self.num_classes, self.learn_sigma, self.clip_x0 = num_classes, learn_sigma, clip_x0
+        self.null_class_trained = null_class_trained
         self.self_condition, self.precision = self_condition, precision
 
     @property
@@ -75,10 +80,13 @@ class Denoiser(nn.Module):
         x_self_cond: torch.Tensor | None = None,
     ) -> Prediction:
         t = _as_steps(t, x_t)
-        if y is None or guidance == 1.0:
+        if y is None or guidance == 1.0:  # y = None: the unconditional model, which guidance leaves as it is
+            if y is None:
+                self._check_null_class("y = None (the unconditional model)")
             return self._predict(x_t, t, y, x_self_cond)
         if self.num_classes == 0:
             raise DdpmkitError("guidance needs a class-conditional model; this one is unconditional")
+        self._check_null_class(f"guidance {guidance:g}")
         null = torch.full_like(y, self.null_class)
         if guidance == 0.0:
             return self._predict(x_t, t, null, x_self_cond)
@@ -94,6 +102,14 @@ class Denoiser(nn.Module):
         eps_null = self.x0_eps(x_t, t, out_null.pred)[1]
         eps = (1 - guidance) * eps_null + guidance * eps_cond  # eps_hat = (1 - w) eps_null + w eps_cond
         return self._finish(x_t, t, diffusion.x0_from_eps(self.schedule, x_t, t, eps), eps, out_cond.var_frac)
+
+    def _check_null_class(self, asked: str) -> None:
+        """Refuse what would need the null class of a conditional net that never trained it."""
+        if self.num_classes > 0 and not self.null_class_trained:
+            raise DdpmkitError(
+                f"{asked} needs the null class, but this conditional model was trained without label "
+                "dropout; give class labels with guidance 1, or retrain with --label-dropout 0.1"
+            )
 
     def network_output(self, x_t: torch.Tensor, t, y=None, x_self_cond=None) -> NetOutput:
         """The network's raw output at (x_t, t, y), in float32, split by channel (what losses train)."""

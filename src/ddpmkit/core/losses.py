@@ -1,6 +1,7 @@
 """Training losses: small objects called as `loss(denoiser, x0, y)` -> one value per example [B].
 
-    L_simple = E_{t, x0, eps} || target - net(x_t, t) ||^2      (DDPM eq. 14, in the objective's space)
+    L_simple = E_{t, x0, eps} w(t) || target - net(x_t, t) ||^2   (DDPM eq. 14, in the objective's space;
+                                                               w = 1, or Hang et al.'s min-SNR weight)
     L_hybrid = L_simple + lambda L_vlb                         (Nichol & Dhariwal 2021, eq. 16)
 
 A loss draws t ~ U{1..T} and eps ~ N(0, I) itself, or takes them as `noise` (the trainer draws one
@@ -19,6 +20,7 @@ from ddpmkit.core import diffusion
 from ddpmkit.core.denoiser import Denoiser
 from ddpmkit.core.likelihood import vlb_term_of_output
 from ddpmkit.core.schedules import Schedule
+from ddpmkit.errors import DdpmkitError
 
 
 class Noise(NamedTuple):
@@ -52,11 +54,13 @@ def min_snr_weight(objective: str, schedule: Schedule, t: torch.Tensor, gamma: f
     """Hang et al. 2023: weight min(SNR, gamma) on the x0-error, expressed for each objective."""
     ratio = diffusion.snr(schedule, t)
     clipped = ratio.clamp(max=gamma)
+    if objective == "x0":
+        return clipped
     if objective == "eps":
         return clipped / ratio  # ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2
     if objective == "v":
         return clipped / (ratio + 1)  # ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2
-    return clipped
+    raise DdpmkitError(f"unknown objective {objective!r}; choose one of {', '.join(diffusion.OBJECTIVES)}")
 
 
 @dataclass(frozen=True)
@@ -114,12 +118,11 @@ class HybridLoss(SimpleLoss):
 
     L_vlb sees the prediction only through a stop-gradient, so it trains the variance alone;
     it is estimated by T L_t at the sampled t, in bits per dimension, as improved-diffusion does.
+    min_snr_gamma weights the L_simple part only (it trains the mean), as Hang et al.'s own code does
+    with learned variances (guided-diffusion's hybrid loss); L_vlb stays the unweighted bound.
     """
 
     vlb_weight: float = 0.001  # lambda
-
-    def _weighted(self, denoiser: Denoiser, loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return loss  # L_hybrid is unweighted
 
     def _extra(self, denoiser, x0, x_t, t, out) -> torch.Tensor:
         x0_hat, _ = denoiser.x0_eps(x_t, t, out.pred.detach())  # stop-gradient on the mean

@@ -16,7 +16,18 @@ def resolve_precision(precision: str, device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and native_cpu_bf16() else "fp32"
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). oneDNN also runs bf16 on AVX-512
+    CPUs without it (`torch.ops.mkldnn._is_mkldnn_bf16_supported()` says yes there), by emulation that
+    is slower than fp32, so that is not enough for "auto"."""
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if avx512_bf16 is None or amx is None:  # an older torch: oneDNN's check, the best there is
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(avx512_bf16() or amx())
 
 
 def autocast(device, precision: str):

@@ -1,14 +1,14 @@
-"""Inception FID and IS: torch-fidelity's TF-compatible InceptionV3 (the one torchmetrics wraps).
+"""Inception FID and IS with ddpmkit's port of the FID InceptionV3 (eval.inceptionv3).
 
-Its weights come from --inception-weights, the cache, or a download, and are always read with the
-safe loader. torch-fidelity is the optional `eval` extra; it is imported only when asked for.
+Its weights are torch-fidelity's published file (the TF 2015-12-05 Inception, converted), from
+--inception-weights, the cache, or a download; always read with the safe loaders and checked
+against the architecture's names and shapes before they are loaded. Nothing beyond torch is needed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from ddpmkit.core.pixels import to_uint8
 from ddpmkit.data import load_dataset
 from ddpmkit.data.download import cache_dir, sha256_file
 from ddpmkit.errors import DdpmkitError
+from ddpmkit.eval.inceptionv3 import InceptionV3
 from ddpmkit.eval.metrics import feature_stats, frechet_distance, inception_score
 from ddpmkit.fileio import atomic_write
 from ddpmkit.progress import maybe_tqdm
@@ -37,17 +38,6 @@ MAX_REFERENCE = 10_000  # reference images for statistics
 
 class InceptionUnavailable(Exception):
     """Inception metrics cannot run here; the message is one line saying how to get them."""
-
-
-def _extractor_class():
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except Exception as error:  # ImportError, or a broken dependency such as torchvision
-        raise InceptionUnavailable(
-            f"Inception metrics skipped: torch-fidelity cannot be imported ({error}); "
-            f"pip install 'ddpmkit[eval]', then {INCEPTION_HINT}"
-        ) from None
-    return FeatureExtractorInceptionV3
 
 
 def inception_weights(path=None, download: bool = True, progress: bool = True) -> Path:
@@ -87,13 +77,12 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
         part.unlink(missing_ok=True)
 
 
-def load_inception(weights: Path, device="cpu") -> torch.nn.Module:
-    """torch-fidelity's InceptionV3 giving (2048-d pool features, 1008 unbiased logits) per uint8 image.
+def load_inception(weights: Path, device="cpu") -> InceptionV3:
+    """The FID InceptionV3 with the weights in `weights` (torch-fidelity's .pth, or .safetensors).
 
-    torch-fidelity unpickles a weights path without restriction, so the file is read here with the
-    safe loader (safetensors, or torch.load(weights_only=True)) and handed over as plain tensors.
+    Read with the safe loaders (safetensors, or torch.load(weights_only=True): no code is unpickled);
+    the tensors' names and shapes must be the architecture's (BatchNorm's num_batches_tracked aside).
     """
-    extractor_class = _extractor_class()
     try:
         state = (
             load_file(str(weights))
@@ -101,24 +90,45 @@ def load_inception(weights: Path, device="cpu") -> torch.nn.Module:
             else torch.load(weights, map_location="cpu", weights_only=True)
         )
     except Exception as error:
-        raise DdpmkitError(f"cannot read Inception weights {weights}: {error}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "inception.pth"
-        torch.save({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, plain)
-        try:
-            net = extractor_class(
-                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(plain)
-            )
-        except RuntimeError as error:
-            raise DdpmkitError(f"{weights} are not torch-fidelity's InceptionV3 weights: {error}") from None
+        raise DdpmkitError(f"cannot read Inception weights {weights}: {_first_line(error)}") from None
+    with torch.device("meta"):  # the layout only: no memory, no random init
+        net = InceptionV3()
+    tensors = _checked_weights(weights, state, net)
+    counters = {k: torch.zeros((), dtype=torch.long) for k in net.state_dict() if k.endswith("num_batches_tracked")}
+    net.load_state_dict({**counters, **tensors}, assign=True)  # the loaded tensors become the weights
     return net.to(device).eval()
+
+
+def _checked_weights(weights: Path, state, net: InceptionV3) -> dict:
+    """The tensors of `state` if they are exactly the net's weights; BatchNorm's batch counters (not
+    read in eval mode) are left out, as some files leave them out."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DdpmkitError(f"{weights} are not the FID InceptionV3's weights: not a dictionary of tensors")
+    expected = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    problems = [f"{k} missing" for k in sorted(expected.keys() - given.keys())]
+    problems += [f"{k} unexpected" for k in sorted(given.keys() - expected.keys())]
+    problems += [
+        f"{k} has shape {tuple(given[k].shape)}, not {tuple(expected[k])}"
+        for k in sorted(expected.keys() & given.keys())
+        if given[k].shape != expected[k]
+    ]
+    if problems:
+        raise DdpmkitError(
+            f"{weights} are not the FID InceptionV3's weights: {len(problems)} problem(s), e.g. {problems[0]}"
+        )
+    return given
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 @torch.inference_mode()
 def inception_features(extractor, images: torch.Tensor, batch_size: int = 100, device="cpu", progress: bool = False):
     """(features [N, 2048], logits [N, 1008]) in float64 for images in [-1, 1] or uint8.
 
-    Images go in as 8-bit RGB (grayscale repeated to 3 channels); the extractor resizes to 299x299.
+    Images go in as 8-bit RGB (grayscale repeated to 3 channels); InceptionV3 resizes them to 299x299.
     """
     images = images if images.dtype == torch.uint8 else to_uint8(images)
     feats, logits = [], []
@@ -148,8 +158,7 @@ class InceptionMetrics:
         download: bool = True,
         progress: bool = True,
     ) -> InceptionMetrics:
-        """Raises InceptionUnavailable (one line) when torch-fidelity or the weights are missing."""
-        _extractor_class()
+        """Raises InceptionUnavailable (one line) when the weights are missing and cannot be downloaded."""
         weights = inception_weights(weights, download, progress)
         extractor = load_inception(weights, device)
         test = load_dataset(name, "test", data_dir, image_size, progress=progress)

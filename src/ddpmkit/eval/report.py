@@ -62,16 +62,16 @@ def evaluate_run(
         test = load_dataset(data["name"], "test", data["data_dir"], data["image_size"], progress=progress)
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:nll_n]
         denoiser.precision = "fp32"  # the bound is sensitive to small errors in eps_hat at small t
-        results["nll"] = nll_bpd(
+        results["nll"] = bits_per_dim(
+            config,
             denoiser,
             test.images[pick],
-            test.labels[pick] if config.data.conditional else None,
+            test.labels[pick],
             stride=nll_stride,
             batch_size=batch_size,
-            generator=torch.Generator().manual_seed(seed),
+            seed=seed,
             progress=progress,
         )
-        results["nll"]["conditional"] = bool(config.data.conditional)
     ckpt = checkpoint.latest_checkpoint(run_dir)
     return {
         "kind": "run",
@@ -88,6 +88,48 @@ def evaluate_run(
         "nll_stride": nll_stride,
         "results": results,
     }
+
+
+# the two likelihoods a run can have: -log p(x | y) with its class, -log p(x) through the null class
+NLL_QUANTITIES = {"conditional": "-log p(x|y)", "unconditional": "-log p(x)"}
+
+
+def nll_skip_reason(config, quantity: str) -> str | None:
+    """Why a run has no such likelihood (None: it has one)."""
+    if quantity == "conditional" and not config.data.conditional:
+        return "the model is unconditional: there is no -log p(x|y)"
+    if quantity == "unconditional" and config.data.conditional and config.data.label_dropout <= 0:
+        return (
+            "the model was trained without label dropout, so its null class (the unconditional model) "
+            "is untrained: there is no -log p(x)"
+        )
+    return None
+
+
+def bits_per_dim(config, denoiser, images, labels, *, stride: int, batch_size: int, seed: int, progress: bool) -> dict:
+    """The bound on -log p(x|y) (each image with its class) and on -log p(x) (the null class, for a
+    conditional model trained with label dropout), each with its standard error, or the reason it is
+    skipped. Both use the same noise (the same seed), so that their difference is paired."""
+    out = {}
+    for quantity, label in NLL_QUANTITIES.items():
+        why = nll_skip_reason(config, quantity)
+        if why is not None:
+            print(f"bits/dim {label} skipped: {why}", file=sys.stderr)
+            out[quantity] = {"quantity": label, "skipped": why}
+            continue
+        started = time.monotonic()
+        y = labels if quantity == "conditional" else None
+        summary = nll_bpd(
+            denoiser,
+            images,
+            y,
+            stride=stride,
+            batch_size=batch_size,
+            generator=torch.Generator().manual_seed(seed),
+            progress=progress,
+        )
+        out[quantity] = {"quantity": label, **summary, "seconds": round(time.monotonic() - started, 1)}
+    return out
 
 
 def evaluate_reference(
@@ -173,9 +215,12 @@ def metrics_table(report: dict) -> str:
     for group in ("domain", "inception"):
         values = r.get(group, {})
         rows += [(group, "skipped")] if "skipped" in values else [(f"{group} {k}", v) for k, v in values.items()]
-    rows += [
-        (f"nll {k}", r["nll"][k]) for k in ("bpd", "bpd_sem", "prior_bpd", "decoder_bpd", "kl_bpd", "n") if "nll" in r
-    ]
+    for quantity in r.get("nll", {}).values():
+        name = f"bits/dim {quantity['quantity']}"
+        if "skipped" in quantity:
+            rows.append((name, "skipped"))
+            continue
+        rows += [(f"{name} {k}", quantity[k]) for k in ("bpd", "bpd_sem", "prior_bpd", "decoder_bpd", "kl_bpd", "n")]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
     lines += [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]

@@ -76,6 +76,7 @@ def denoiser(
         sched or schedule(config),
         config.diffusion.objective,
         num_classes=num_classes(config),
+        null_class_trained=config.data.label_dropout > 0,
         learn_sigma=config.diffusion.learn_sigma,
         self_condition=config.model.self_condition,
         precision=precision or config.sample.precision,

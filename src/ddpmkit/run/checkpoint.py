@@ -38,7 +38,9 @@ from ddpmkit.fileio import atomic_write, atomic_write_text
 from ddpmkit.run import weights
 from ddpmkit.run.config import RunConfig, from_dict, resolve, validate
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# format 1: before the linear schedule was scaled by 1000 / T; same files, so read unless that changed its maths
+READABLE_FORMATS = (1, 2)
 CKPT_PREFIX = "ckpt-"
 TEMP_PREFIX = ".tmp-ckpt-"  # checkpoints being written or deleted; never read, removed by tidy()
 _UMASK = os.umask(0)  # read once, so that checkpoint directories get the usual permissions
@@ -279,17 +281,29 @@ def load_weights(module: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 # state.json: what each key may hold (step counts; the global batch is compared, never allocated)
-STATE_LIMITS = {"format": (1, 1), "step": (0, 10**12), "nan_skipped": (0, 10**12), "global_batch": (1, 2**40)}
+STATE_LIMITS = {
+    "format": (min(READABLE_FORMATS), max(READABLE_FORMATS)),
+    "step": (0, 10**12),
+    "nan_skipped": (0, 10**12),
+    "global_batch": (1, 2**40),
+}
 
 
-def read_state(ckpt: Path) -> dict:
+def read_state(ckpt: Path, config: RunConfig | None = None) -> dict:
     """A checkpoint's state.json (read_json), its format version and each key's type and range checked."""
     path = Path(ckpt) / "state.json"
     refusal = f"cannot read {path}"
     state = read_json(path, refusal)
     version = state.get("format") if isinstance(state, dict) else None
-    if version != FORMAT_VERSION:
-        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads format {FORMAT_VERSION}")
+    if version not in READABLE_FORMATS:
+        readable = ", ".join(map(str, READABLE_FORMATS))
+        raise DdpmkitError(f"{ckpt} has checkpoint format {version}, this ddpmkit reads formats {readable}")
+    d = config.diffusion if config is not None else None
+    if version == 1 and d is not None and d.schedule == "linear" and d.timesteps != 1000:
+        raise DdpmkitError(
+            f"{ckpt} was trained with the linear schedule at T = {d.timesteps} before ddpmkit scaled it "
+            "by 1000 / T (its x_T kept part of the image); this ddpmkit cannot sample it faithfully: retrain it"
+        )
     for key, value in state.items():
         if key not in STATE_LIMITS:
             raise DdpmkitError(f"{refusal}: unknown key {key[:40]!r}")
@@ -349,9 +363,11 @@ def save_weights(path: Path, module: torch.nn.Module, metadata: dict | None = No
         raise DdpmkitError(f"could not write {path}: {e.strerror or e}") from e
 
 
-def load_state(ckpt: Path) -> tuple[dict, dict]:
-    """(state.json, train_state) of a checkpoint; the latter through the weights-only unpickler."""
-    return read_state(ckpt), load_train_state(ckpt)
+def load_state(ckpt: Path, config: RunConfig | None = None) -> tuple[dict, dict]:
+    """(state.json, train_state) of a checkpoint; the latter through the weights-only unpickler.
+    With the run's `config`, a format-1 checkpoint whose schedule has changed since is refused."""
+    state = read_state(ckpt, config)
+    return state, load_train_state(ckpt)
 
 
 def _first_line(error: Exception, prefer: str = "") -> str:

@@ -23,7 +23,7 @@ from ddpmkit.core.diffusion import OBJECTIVES
 from ddpmkit.core.distillation import Grids, halvings
 from ddpmkit.core.precision import PRECISIONS
 from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS, sampler_options
-from ddpmkit.core.schedules import SCHEDULES, SPACINGS, check_steps
+from ddpmkit.core.schedules import SCHEDULES, SPACINGS, build_schedule, check_steps
 from ddpmkit.data import DATASETS, FITS, DatasetInfo
 from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.models import ARCHITECTURES
@@ -386,6 +386,7 @@ def validate(config: RunConfig) -> None:
         if not ok:
             raise DdpmkitError(message)
     check_limits(config)
+    build_schedule(d.schedule, d.timesteps)  # refuses a schedule that leaves signal in x_T
     check_sample(config.sample, d.timesteps)  # the grids' settings: refused now, not after training
 
 

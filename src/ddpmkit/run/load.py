@@ -23,17 +23,17 @@ from ddpmkit.run.config import RunConfig
 def load_denoiser(run_dir: Path, device="cpu", which: str = "ema") -> tuple[RunConfig, Denoiser]:
     """The run's config and its denoiser with the latest checkpoint's `which` weights (ema or model)."""
     config = checkpoint.load_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir, config)
     net = load_net(config, ckpt / f"{which}.safetensors")
     return config, build.denoiser(config, net.to(device).eval())
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
+def latest_checkpoint(run_dir: Path, config: RunConfig | None = None) -> Path:
     """The run's latest complete checkpoint, its state.json checked (format version, fields)."""
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         raise DdpmkitError(f"{run_dir} has no complete checkpoint yet; train it first")
-    checkpoint.read_state(ckpt)
+    checkpoint.read_state(ckpt, config)  # format and fields; a format-1 linear run at T != 1000 refused
     return ckpt
 
 
@@ -59,7 +59,7 @@ def check_resume(run_dir: Path, config: RunConfig) -> Path | None:
     Returns that checkpoint (None when the run has none yet)."""
     if checkpoint.latest_checkpoint(run_dir) is None:
         return None
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir, config)
     net = meta_net(config)
     for name in ("model", "ema"):
         path = ckpt / f"{name}.safetensors"

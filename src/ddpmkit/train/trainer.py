@@ -198,7 +198,7 @@ class Trainer:
         distributed.barrier()
 
     def _load(self, ckpt: Path) -> None:
-        state, train_state = checkpoint.load_state(ckpt)
+        state, train_state = checkpoint.load_state(ckpt, self.config)
         _check_global_batch(
             state.get("global_batch", self.global_batch), self.global_batch, self.config, self.dist.world_size
         )
