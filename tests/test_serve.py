@@ -36,7 +36,7 @@ from PIL import Image
 import ddpmkit.serve
 from ddpmkit.cli import main
 from ddpmkit.core import schedules
-from ddpmkit.core.samplers import SAMPLERS
+from ddpmkit.core.samplers import SAMPLERS, sampler_options
 from ddpmkit.data import FASHION_CLASSES
 from ddpmkit.run import checkpoint
 from ddpmkit.run.config import SampleConfig
@@ -349,6 +349,24 @@ def test_an_unconditional_run_is_served_beside_the_conditional_one(client):
     assert images.shape == (3, 28, 28) and labels.tolist() == [-1] * 3 and "guidance" not in info
     title = client.predict("uncond", api_name="/run_info")[0]
     assert title.startswith("**uncond**: 2 steps trained")
+    # choosing it in the run menu: no class but none, no guidance, the forward slider up to its T
+    updates = client.predict("uncond", api_name="/select_run")
+    assert updates[0]["choices"] == [[UNCONDITIONAL, UNCONDITIONAL]] and updates[1]["interactive"] is False
+    assert updates[6]["maximum"] == 60 and updates[7] == ""
+    conditional = client.predict("cond", api_name="/select_run")  # and back: this client's page shows cond
+    assert [choice for choice, _ in conditional[0]["choices"]] == [EVERY_CLASS, *FASHION_CLASSES, UNCONDITIONAL]
+    assert conditional[1]["interactive"] is True
+
+
+def test_each_sampler_shows_its_own_options_and_every_spacing_works(client):
+    for sampler in SAMPLERS:
+        shown = [update["visible"] for update in client.predict(sampler, api_name="/sampler_options")]
+        assert shown == [name in sampler_options(sampler) for name in page_requests.option_names()]
+    images = {}
+    for spacing in schedules.SPACINGS:
+        info, images[spacing], _, _ = draw(client, spacing=spacing)
+        assert f"4 steps, {spacing} spacing" in info
+    assert len({array.tobytes() for array in images.values()}) == len(schedules.SPACINGS)
 
 
 def test_a_closed_stream_stops_its_sampler(runs):
@@ -395,9 +413,13 @@ def test_forward_process_shows_x0_and_x_t_with_alpha_bar_snr_and_the_equation(cl
     one, two = picture(at_0[0]), picture(at_25[0])
     assert two.width > 1.8 * one.width  # x0 alone at t = 0; x0 and x_t beyond
     assert np.array_equal(np.asarray(two), np.asarray(picture(at_25_again[0])))  # one eps per image
-    # the slider reaches the largest T of the runs (uncond's 60); the page refuses more than this run's
-    assert "t must be 0 to T = 50, got 55" in refused(client, "/forward", args=("cond", image, 55))
+    # choosing uncond (T = 60) moves the slider's end to 60; the page still refuses t > T for cond
+    client.predict("uncond", api_name="/select_run")
     assert client.predict("uncond", image, 55, api_name="/forward")[2] == ""
+    assert "t must be 0 to T = 50, got 55" in refused(client, "/forward", args=("cond", image, 55))
+    client.predict("cond", api_name="/select_run")
+    with pytest.raises(gradio_client.exceptions.AppError, match="greater than maximum value 50"):
+        client.predict("cond", image, 55, api_name="/forward")  # Gradio's own check of the slider
     assert "unknown image" in refused(client, "/forward", args=("cond", "../../etc/passwd", 3))
 
 

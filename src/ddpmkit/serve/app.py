@@ -83,7 +83,7 @@ def _run(runs: dict[str, ServedRun], name) -> ServedRun:
 def build_page(runs: dict[str, ServedRun], settings: Settings, cache_dir: Path) -> gr.Blocks:
     first, limits = next(iter(runs.values())), settings.limits
     options = requests.option_names()
-    with gr.Blocks(analytics_enabled=False, title="ddpmkit serve", delete_cache=(600, 3600)) as page:
+    with gr.Blocks(analytics_enabled=False, title="ddpmkit serve", delete_cache=(300, 1800)) as page:
         gr.Markdown("## ddpmkit serve")
         run_menu = _menu(list(runs), first.name, "run", visible=len(runs) > 1, elem_id="run")
         with gr.Tabs():
@@ -185,14 +185,14 @@ def build_page(runs: dict[str, ServedRun], settings: Settings, cache_dir: Path) 
                 lambda sampler: [gr.update(visible=name in sampler_options(sampler)) for name in options],
                 g["sampler"],
                 [g["options"][name] for name in options],
-                api_name=False,
+                api_name="sampler_options",
             )
         run_menu.change(on_run_info, run_menu, [r["title"], r["loss"], r["eval"], r["config"]], api_name="run_info")
         run_menu.change(
             on_select_run,
             run_menu,
             [g["class"], g["guidance"], g["steps"], c["class"], c["guidance"], f["example"], f["t"], f["status"]],
-            api_name=False,
+            api_name="select_run",
         )
     return page
 
