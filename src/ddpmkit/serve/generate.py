@@ -31,6 +31,7 @@ from ddpmkit.serve.runs import ServedRun
 from ddpmkit.serve.settings import DEFAULT_LIMITS, Limits
 
 KEEP_DOWNLOADS = 32  # the newest requests whose files stay on disk for the page to fetch
+SHOWN_PIXELS = 96  # images are scaled up by whole factors to about this size (28x28: x3; 64x64: x1)
 
 
 @dataclass
@@ -57,46 +58,54 @@ class _Stopped(Exception):
 
 
 def frame_every(steps: int, limits: Limits) -> int:
-    """Keep every K-th step so that a request streams at most limits.max_frames pictures."""
+    """Keep every K-th step (and the last) so that a request streams about limits.max_frames pictures."""
     return max(1, math.ceil(steps / limits.max_frames))
 
 
 def stream(run: ServedRun, request: Request, limits: Limits = DEFAULT_LIMITS) -> Iterator[Frame | Result]:
-    """Frames while the sampler runs (the newest one when the reader falls behind), then the Result.
-
-    Closing the iterator early (the browser went away) stops the sampler at its next step.
-    """
-    every, kept = frame_every(request.settings.steps, limits), Trajectory()
+    """Frames while the sampler runs (the newest one when the reader falls behind, and always the
+    last step), then the Result. Closing the iterator early (the browser went away) stops the sampler
+    at its next step."""
+    every, last = frame_every(request.settings.steps, limits), request.settings.steps - 1
+    kept, kept_i = Trajectory(), []  # the kept steps (for the GIF) and their indices
     news: queue.Queue = queue.Queue()  # ("step", index into kept) ..., then ("done", Result) or ("error", e)
     stop = threading.Event()
 
     def on_step(step: Step) -> None:
         if stop.is_set():
             raise _Stopped
-        if step.i % every == 0:
+        if step.i % every == 0 or step.i == last:
             kept.t.append(step.t)
             kept.x_t.append(step.x_t.detach().float().cpu().clone())
             kept.x0_hat.append(step.x0_hat.detach().float().cpu().clone())
-            news.put(("step", len(kept.t) - 1, step.i))
+            kept_i.append(step.i)
+            news.put(("step", len(kept.t) - 1))
 
     def work() -> None:
         try:
-            news.put(("done", draw(run, request, on_step, kept), None))
+            news.put(("done", draw(run, request, on_step, kept)))
         except _Stopped:
             pass
         except Exception as e:  # handed to the reader, which raises it in the request's thread
-            news.put(("error", e, None))
+            news.put(("error", e))
+
+    def frame(k: int) -> Frame:
+        return Frame(_step_picture(run, request, kept, k), kept_i[k], kept.t[k])
 
     threading.Thread(target=work, name=f"ddpmkit-sample-{run.name}", daemon=True).start()
+    shown = -1
     try:
         while True:
-            kind, value, i = _newest(news)
+            kind, value = _newest(news)
             if kind == "error":
                 raise value
             if kind == "done":
+                if shown < len(kept.t) - 1:  # the last step, which a reader behind has skipped
+                    yield frame(len(kept.t) - 1)
                 yield value
                 return
-            yield Frame(_step_picture(run, request, kept, value), i, kept.t[value])
+            shown = value
+            yield frame(value)
     finally:
         stop.set()
 
@@ -114,8 +123,17 @@ def _newest(news: queue.Queue) -> tuple:
 
 def _step_picture(run: ServedRun, request: Request, kept: Trajectory, k: int) -> Image.Image:
     return viz.step_picture(
-        kept.x_t[k], kept.x0_hat[k], kept.t[k], labels=request.labels, class_names=run.config.class_names
+        kept.x_t[k],
+        kept.x0_hat[k],
+        kept.t[k],
+        labels=request.labels,
+        class_names=run.config.class_names,
+        scale=scale(run),
     )
+
+
+def scale(run: ServedRun) -> int:
+    return max(1, SHOWN_PIXELS // run.config.image_size)
 
 
 def draw(run: ServedRun, request: Request, callback=None, trajectory: Trajectory | None = None) -> Result:
@@ -134,7 +152,7 @@ def draw(run: ServedRun, request: Request, callback=None, trajectory: Trajectory
         callback=callback,
     )
     seconds, nfe = time.perf_counter() - started, run.counter.calls
-    grid = viz.grid_image(images, request.labels, run.config.class_names)
+    grid = viz.grid_image(images, request.labels, run.config.class_names, scale=scale(run))
     return Result(request, images, grid, seconds, nfe, trajectory or Trajectory())
 
 
@@ -170,7 +188,7 @@ def downloads(run: ServedRun, result: Result, root: Path) -> tuple[Path, Path, P
     png, gif, npz = (directory / f"{stem}.{ext}" for ext in ("png", "gif", "npz"))
     viz.save_png(result.grid, png)
     frames = viz.denoising_frames(
-        result.trajectory, result.images, "both", labels=r.labels, class_names=run.config.class_names
+        result.trajectory, result.images, "both", labels=r.labels, class_names=run.config.class_names, scale=scale(run)
     )
     viz.save_gif(frames, gif)
     atomic_write(npz, npz_bytes(result.images, r.labels))

@@ -12,7 +12,7 @@ class Limits:
     """What one request may ask of the server."""
 
     max_images: int = 64  # images per request
-    max_frames: int = 20  # pictures of the reverse process streamed (and kept for the GIF) per request
+    max_frames: int = 20  # about this many pictures of the reverse process streamed (and kept for the GIF)
     max_seed: int = 2**31 - 1
 
 
