@@ -500,7 +500,7 @@ def test_exposure_warning_names_any_host_beyond_loopback():
 def test_eight_clients_three_requests_each_get_their_own_images(server, client):
     """All 24 complete; each is bit-identical to the same request alone; the memory stays bounded."""
     asked = {
-        (k, j): {"cls": FASHION_CLASSES[k], "seed": 100 * k + j, "n": 3, "steps": 4} for k in range(8) for j in range(3)
+        (k, j): {"cls": FASHION_CLASSES[k], "seed": 100 * k + j, "n": 2, "steps": 3} for k in range(8) for j in range(3)
     }
     draw(client, **asked[0, 0])  # warm
     rss_before, got, failures = server.rss_mb(), {}, []
@@ -519,13 +519,14 @@ def test_eight_clients_three_requests_each_get_their_own_images(server, client):
     for thread in threads:
         thread.join(timeout=600)
     assert not failures and len(got) == 24
-    growth = server.rss_mb() - rss_before
-    assert growth < 200, f"the server grew by {growth:.0f} MB over 24 requests"
+    rss_after = server.rss_mb()
     for key, request in asked.items():
         info, images, labels, _ = got[key]
-        assert f"seed {request['seed']})" in info and labels.tolist() == [key[0]] * 3
+        assert f"seed {request['seed']})" in info and labels.tolist() == [key[0]] * 2
         _, alone, _, _ = draw(client, **request)
         assert np.array_equal(images, alone), key
+    # bounded: some growth as caches warm (12 MB here), none that goes on with 24 more requests
+    assert rss_after - rss_before < 100 and server.rss_mb() - rss_after < 50, (rss_before, rss_after, server.rss_mb())
 
 
 # ---- in a real browser -----------------------------------------------------------------------------
