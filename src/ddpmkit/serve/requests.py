@@ -175,6 +175,9 @@ def number(value, what: str) -> float:
 
 
 def _typed(value, kind: type, name: str):
+    """`value` as the type of the option's SampleConfig default (an option that defaults to None: as sent)."""
+    if kind is type(None):
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise DdpmkitError(f"{name} must be true or false, got {value!r}")
