@@ -44,7 +44,7 @@ from ddpmkit.run.sampling import generate
 from ddpmkit.serve import requests as page_requests
 from ddpmkit.serve.generate import Frame, Result, stream
 from ddpmkit.serve.requests import EVERY_CLASS, UNCONDITIONAL
-from ddpmkit.serve.runs import load_runs
+from ddpmkit.serve.runs import latest_eval, load_runs, read_metrics
 from ddpmkit.serve.settings import Limits, exposure_warning
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -457,6 +457,20 @@ def test_run_tab_shows_config_steps_loss_curve_and_the_latest_eval(client, runs)
     assert picture(loss).width > 200
     assert "eval-20260102-000000-ddim4.json" in evaluation and "7.2500" in evaluation and "9.5" not in evaluation
     assert json.loads(config) == json.loads((runs["cond"] / "config.json").read_text())
+
+
+def test_the_run_tab_survives_broken_reports_and_metrics(tmp_path):
+    """An eval report or metrics line that is not what `ddpmkit eval` or `train` writes is skipped or
+    named, never a traceback at start-up (a run directory may come from someone else)."""
+    (tmp_path / "eval-20260101-000000-ddim4.json").write_text('{"results": {"domain": {"fd_dom": 3.5}}}')
+    assert "3.5000" in latest_eval(tmp_path)[1]
+    for text in ("[" * 100_000, '{"results": [1, 2]}', "not json", '{"results": {"domain": "x"}}'):
+        (tmp_path / "eval-20270101-000000-ddim4.json").write_text(text)
+        name, table = latest_eval(tmp_path)
+        assert name == "eval-20270101-000000-ddim4.json" and table.startswith("(could not read"), table
+    lines = ['{"step": 1, "loss": 0.5}', "[" * 100_000, '{"step": 2, "loss": NaN}', '{"step": "3", "loss": 1}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*lines, '{"step": 4, "loss": 0.25}']))
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 4]
 
 
 # ---- serving rules ---------------------------------------------------------------------------------

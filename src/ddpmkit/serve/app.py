@@ -261,14 +261,15 @@ def _steps_label(run: ServedRun) -> str:
 def _option_control(name: str, defaults):
     """A control for the sampler option `name`, by its SampleConfig field's type; shown for its samplers."""
     value, takers = getattr(defaults, name), requests.samplers_taking(name)
-    label, visible = f"{name} ({', '.join(takers)})", defaults.sampler in takers
-    if isinstance(value, bool):
-        return gr.Checkbox(value, label=label, visible=visible)
-    if isinstance(value, (int, float)):
-        return gr.Number(value, step=1 if isinstance(value, int) else 0.1, label=label, visible=visible)
+    (kind, optional), label = requests.option_type(name), f"{name} ({', '.join(takers)})"
+    shown = {"label": label + (" (empty: none)" if optional else ""), "visible": defaults.sampler in takers}
+    if kind is bool:
+        return gr.Checkbox(value, **shown)
     if name in OPTION_CHOICES:
-        return _menu(list(OPTION_CHOICES[name]), value, label, visible=visible)
-    return gr.Textbox(str(value), label=label, visible=visible)
+        return _menu(list(OPTION_CHOICES[name]), value, **shown)
+    if kind in (int, float):
+        return gr.Number(value, step=1 if kind is int else 0.1, **shown)
+    return gr.Textbox("" if value is None else str(value), **shown)
 
 
 def _forward_tab(run: ServedRun, T_max: int) -> dict:

@@ -47,6 +47,16 @@ def samplers_taking(option: str) -> list[str]:
     return [sampler for sampler in SAMPLERS if option in sampler_options(sampler)]
 
 
+def option_type(option: str) -> tuple[type, bool]:
+    """(bool, int, float or str, whether None is allowed): read from the option's SampleConfig annotation."""
+    parts = [part.strip() for part in str(SampleConfig.__dataclass_fields__[option].type).split("|")]
+    named = [part for part in parts if part != "None"]
+    return _TYPES.get(named[0] if named else "str", str), "None" in parts
+
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
 # ---- classes ------------------------------------------------------------------------------------
 
 
@@ -149,8 +159,8 @@ def sample_settings(run: ServedRun, sampler, steps, spacing, guidance: float, op
     for name, value in options.items():
         if name not in option_names():
             raise DdpmkitError(f"unknown sampler option {name!r}; the options are {either(option_names())}")
-        if value is not None:
-            values[name] = _typed(value, type(getattr(defaults, name)), name)
+        if value is not None and value != "":  # an empty field keeps the run's default
+            values[name] = _typed(value, option_type(name)[0], name)
     settings = dataclasses.replace(defaults, **values)
     check_sample(settings, run.T)
     return settings
@@ -175,9 +185,7 @@ def number(value, what: str) -> float:
 
 
 def _typed(value, kind: type, name: str):
-    """`value` as the type of the option's SampleConfig default (an option that defaults to None: as sent)."""
-    if kind is type(None):
-        return value
+    """`value` as the option's type (the page's numbers arrive as floats; 3.0 is the whole number 3)."""
     if kind is bool:
         if not isinstance(value, bool):
             raise DdpmkitError(f"{name} must be true or false, got {value!r}")

@@ -178,7 +178,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested beyond the parser
             continue
         if isinstance(row, dict) and _number(row.get("step")) and _number(row.get("loss")) and row["loss"] > 0:
             rows.append(row)
@@ -196,8 +196,8 @@ def latest_eval(run_dir: Path) -> tuple[str | None, str | None]:
             raise ValueError(f"larger than {EVAL_MAX_BYTES >> 20} MiB")
         report = json.loads(path.read_text())
         return path.name, _settings_line(report) + metrics_table(report)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return path.name, f"(could not read {path.name}: {e})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        return path.name, f"(could not read {path.name}: {type(e).__name__}: {str(e)[:200]})"
 
 
 def _settings_line(report: dict) -> str:
