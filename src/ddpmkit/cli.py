@@ -8,13 +8,10 @@ and exits 128 + the signal (130 or 143), as shells report signals; continue it w
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import sys
 from pathlib import Path
-
-import numpy as np
 
 from ddpmkit import __version__
 from ddpmkit.core.diffusion import OBJECTIVES
@@ -263,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _forward_parser(sub)
     _eval_parser(sub)
     _distill_parser(sub)
+    _serve_parser(sub)
     return parser
 
 
@@ -551,9 +549,8 @@ def cmd_distill(args) -> int:
 
 def cmd_sample(args) -> int:
     from ddpmkit import viz
-    from ddpmkit.core.pixels import to_uint8
     from ddpmkit.run.load import load_denoiser
-    from ddpmkit.run.sampling import check_guidance, default_labels, generate
+    from ddpmkit.run.sampling import check_guidance, default_labels, generate, npz_bytes
 
     if args.n < 1:
         raise DdpmkitError(f"--n must be >= 1, got {args.n}")
@@ -577,12 +574,7 @@ def cmd_sample(args) -> int:
     )
     viz.save_grid(images, Path(args.out), labels=labels, class_names=config.class_names)
     if args.npz:
-        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
-        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-        label_array = labels.numpy() if labels is not None else np.full(args.n, -1)
-        buf = io.BytesIO()
-        np.savez(buf, images=pixels, labels=label_array.astype(np.int64))
-        atomic_write(Path(args.npz), buf.getvalue())
+        atomic_write(Path(args.npz), npz_bytes(images, labels))
     print(f"wrote {args.out}" + (f" and {args.npz}" if args.npz else ""))
     return 0
 
@@ -765,6 +757,66 @@ def _print_note(command: str, message: str) -> None:
         print(f"ddpmkit {command}: note: {message}", file=sys.stderr)
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="a local web page to watch and steer trained runs (needs the serve extra)",
+        description="Serve a web page for RUN directories: generate while watching the reverse process, "
+        "the forward process, sampler comparisons, and each run's training and evaluation. "
+        "Needs Gradio: pip install 'ddpmkit[serve]'.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN", help="run directories made by `ddpmkit train`")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (127.0.0.1: this machine only; 0.0.0.0 opens the page to the network)",
+    )
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on (7860)")
+    p.add_argument("--max-images", type=int, default=64, help="images one request may ask for (64)")
+    p.add_argument("--concurrency", type=int, help="requests sampled at once (1 on a CPU, 2 on a GPU)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more are refused (16)")
+    p.add_argument("--which", choices=("ema", "model"), default="ema", help="EMA or raw weights (ema)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+
+
+def cmd_serve(args) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    from ddpmkit.serve.runs import load_runs
+    from ddpmkit.serve.settings import Limits, Settings
+
+    for ok, message in (
+        (1 <= args.port <= 65535, f"--port must be 1 to 65535, got {args.port}"),
+        (args.max_images >= 1, f"--max-images must be >= 1, got {args.max_images}"),
+        (args.concurrency is None or args.concurrency >= 1, f"--concurrency must be >= 1, got {args.concurrency}"),
+        (args.queue_size >= 1, f"--queue-size must be >= 1, got {args.queue_size}"),
+    ):
+        if not ok:
+            raise DdpmkitError(message)
+    device = _device(args.device)
+    runs = load_runs(args.run_dirs, device, args.which)  # a run that cannot load stops here, in one line
+    for run in runs.values():
+        if run.examples_problem:
+            print(f"ddpmkit serve: warning: {run.name}: {run.examples_problem}", file=sys.stderr)
+    cache = tempfile.mkdtemp(prefix="ddpmkit-serve-")  # Gradio's files (private to this server)
+    os.environ["GRADIO_TEMP_DIR"], os.environ["GRADIO_ANALYTICS_ENABLED"] = cache, "False"  # read at import
+    try:
+        try:
+            from ddpmkit.serve import app
+        except ImportError as e:
+            if (e.name or "").split(".")[0] not in ("gradio", "gradio_client"):
+                raise
+            raise DdpmkitError("the page needs Gradio; install it with: pip install 'ddpmkit[serve]'") from e
+        concurrency = args.concurrency or (1 if device == "cpu" else 2)
+        settings = Settings(args.host, args.port, Limits(max_images=args.max_images), concurrency, args.queue_size)
+        app.serve(runs, settings, Path(cache))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -772,6 +824,7 @@ COMMANDS = {
     "forward": cmd_forward,
     "eval": cmd_eval,
     "distill": cmd_distill,
+    "serve": cmd_serve,
 }
 
 

@@ -100,8 +100,12 @@ def save_grid(images: torch.Tensor, path: Path, labels=None, class_names: Sequen
 
 def loss_curve(metrics: list[dict], path: Path) -> None:
     """The training loss (log scale) against the step, with a moving average over the raw values."""
-    if not metrics:
-        return
+    if metrics:
+        _save_figure(loss_figure(metrics), path)
+
+
+def loss_figure(metrics: list[dict]) -> Figure:
+    """The figure of `loss_curve`: logged losses and their moving average against the step."""
     steps = [m["step"] for m in metrics]
     losses = [m["loss"] for m in metrics]
     fig = Figure(figsize=(6, 3.5), dpi=100)
@@ -116,7 +120,7 @@ def loss_curve(metrics: list[dict], path: Path) -> None:
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    _save_figure(fig, path)
+    return fig
 
 
 def schedule_plot(path: Path, T: int = 1000) -> None:
@@ -138,10 +142,15 @@ def schedule_plot(path: Path, T: int = 1000) -> None:
 
 
 def _save_figure(fig: Figure, path: Path) -> None:
+    atomic_write(Path(path), figure_png(fig))
+
+
+def figure_png(fig: Figure) -> bytes:
+    """A matplotlib figure as PNG bytes."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write(Path(path), buf.getvalue())
+    return buf.getvalue()
 
 
 def montage(paths: Sequence[Path], out: Path, titles: Sequence[str] = (), gap: int = 8) -> None:
@@ -282,6 +291,14 @@ def denoising_frames(
     ]
     width = max(panel.width for row in panels for panel in row)  # one size for every frame of the GIF
     return [_side_by_side(row, width) for row in panels]
+
+
+def step_picture(
+    x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, *, labels=None, class_names: Sequence[str] = (), scale: int = 2
+) -> Image.Image:
+    """One step of the reverse process: the iterate x_t beside the denoiser's estimate x0_hat."""
+    panels = [_titled_grid(x, name, t, labels, class_names, scale) for name, x in (("x_t", x_t), ("x0_hat", x0_hat))]
+    return _side_by_side(panels, max(panel.width for panel in panels))
 
 
 def _titled_grid(images, name: str, t: int, labels, class_names, scale: int) -> Image.Image:

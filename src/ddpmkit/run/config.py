@@ -31,6 +31,8 @@ from ddpmkit.models import ARCHITECTURES
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 ON_NAN = ("stop", "skip")
 DDPM_VARIANCES = ("beta_tilde", "beta")
+# the values each sampler option that is a string may take (validation, `ddpmkit serve`'s dropdowns)
+OPTION_CHOICES = {"variance": DDPM_VARIANCES}
 
 
 @dataclass
@@ -429,7 +431,7 @@ def check_sample(s: SampleConfig, T: int) -> None:
     checks = [
         _one_of(s.sampler, SAMPLERS, "--sampler"),
         (0.0 <= s.eta <= 1.0, f"--eta must be in [0, 1], got {s.eta}"),
-        _one_of(s.variance, DDPM_VARIANCES, "--variance"),
+        *(_one_of(getattr(s, name), choices, f"--{name}") for name, choices in OPTION_CHOICES.items()),
         _one_of(s.precision, PRECISIONS, "--precision"),
         (math.isfinite(s.guidance) and s.guidance >= 0, f"--guidance must be a finite number >= 0, got {s.guidance}"),
         (0 <= s.s_churn < math.inf, f"--s-churn must be a finite number >= 0, got {s.s_churn}"),

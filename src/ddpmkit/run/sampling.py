@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ddpmkit.core.denoiser import Denoiser
+from ddpmkit.core.pixels import to_uint8
 from ddpmkit.core.samplers import get_sampler
 from ddpmkit.core.schedules import timesteps
 from ddpmkit.errors import DdpmkitError
@@ -86,3 +89,13 @@ def generate(
         )
         out.append(x0.float().cpu())
     return torch.cat(out)
+
+
+def npz_bytes(images: torch.Tensor, labels: torch.Tensor | None) -> bytes:
+    """An .npz of `images` in [-1, 1] as uint8 [N, H, W] (grey) or [N, H, W, C], and `labels` (-1 = none)."""
+    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    label_array = labels.numpy() if labels is not None else np.full(len(images), -1)
+    buf = io.BytesIO()
+    np.savez(buf, images=pixels, labels=label_array.astype(np.int64))
+    return buf.getvalue()
