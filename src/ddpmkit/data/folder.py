@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ddpmkit.data.imagedata import DatasetInfo, ImageData, check_image_size, resize_center_crop
+from ddpmkit.data.split import HOLDOUT_FRACTION, MIN_CLASS_HELD_OUT, split_indices
 from ddpmkit.errors import DdpmkitError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
@@ -58,16 +59,34 @@ class FolderDataset(torch.utils.data.Dataset):
 
 
 def open_folder_dataset(
-    data_dir: str | os.PathLike, image_size: int | None = None, channels: int | None = None, strict: bool = False
+    data_dir: str | os.PathLike,
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    split: str = "train",
 ) -> FolderDataset:
     """Scan a folder for the streaming path: files are decoded later, one per ``__getitem__``.
 
     Images sitting in first-level subfolders are labelled by folder (sorted names -> ids);
     images directly in the folder are unlabelled (-1). Hidden files and folders are ignored.
+    ``split``: "train", "test" (the images held out, see data.split) or "all".
     """
     dataset, ignored, bad = _open_folder(data_dir, image_size, channels, strict)
     _report(Path(data_dir), ignored, bad)
-    return dataset
+    return _take_split(dataset, Path(data_dir), split)
+
+
+def _take_split(dataset: FolderDataset, root: Path, split: str) -> FolderDataset:
+    """The images of one split (data.split: by a hash of each path relative to the folder)."""
+    relative = [Path(f).relative_to(root).as_posix() for f in dataset.files]
+    keep = split_indices(relative, dataset.labels, split)
+    if not keep:
+        raise DdpmkitError(
+            f"{root} holds out no images: a class needs at least {MIN_CLASS_HELD_OUT} images "
+            f"for {HOLDOUT_FRACTION:.0%} of it to be held out as the test split."
+        )
+    files, labels = [dataset.files[i] for i in keep], [dataset.labels[i] for i in keep]
+    return FolderDataset(files, labels, dataset.info, dataset.strict)
 
 
 def _open_folder(data_dir, image_size, channels, strict) -> tuple[FolderDataset, list[str], list[str]]:
@@ -198,14 +217,10 @@ def _report(root: Path, ignored: list[str], bad: list[str]) -> None:
 
 
 def load_folder(data_dir, split: str, image_size, channels, strict: bool) -> ImageData:
-    """Decode a whole (small) folder into memory, skipping and reporting unreadable images."""
-    if split != "train":
-        raise DdpmkitError(
-            "An image folder has only a train split; use split='train' "
-            "(to hold images out, keep them in a separate folder)."
-        )
+    """Decode one split of a whole (small) folder into memory, skipping and reporting unreadable images."""
     dataset, ignored, bad = _open_folder(data_dir, image_size, channels, strict)
     root, info = Path(data_dir), dataset.info
+    dataset = _take_split(dataset, root, split)
     if not fits_in_memory(dataset):
         raise DdpmkitError(
             f"{len(dataset)} images of {info.channels}x{info.image_size}x{info.image_size} exceed "

@@ -22,17 +22,18 @@ from ddpmkit.train import distributed
 def training_data(config: RunConfig) -> ImageData | FolderDataset:
     """The training images in memory, or a FolderDataset to stream: with --stream, or when too large."""
     d = config.data
+    split = "all" if d.train_on_all else "train"  # a folder's "train" leaves out the images eval judges against
     if d.stream and d.dataset != "folder":
         raise DdpmkitError(f"--stream is for --dataset folder; {d.dataset} is small enough to load into memory")
     if d.stream:
-        return open_folder_dataset(d.data_dir, d.image_size)
+        return open_folder_dataset(d.data_dir, d.image_size, split=split)
     try:
-        return load_dataset(d.dataset, "train", data_dir=d.data_dir, image_size=d.image_size)
+        return load_dataset(d.dataset, split, data_dir=d.data_dir, image_size=d.image_size)
     except DdpmkitError as error:
         if d.dataset != "folder":
             raise
         refused = error
-    folder = open_folder_dataset(d.data_dir, d.image_size)
+    folder = open_folder_dataset(d.data_dir, d.image_size, split=split)
     if fits_in_memory(folder):
         raise refused  # not the memory limit: a problem with the folder itself
     if distributed.info().rank == 0:
