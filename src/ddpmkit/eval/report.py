@@ -20,7 +20,7 @@ from ddpmkit.eval.inception import INCEPTION_ON_CPU, InceptionMetrics, Inception
 from ddpmkit.eval.metrics import gaussian_blur
 from ddpmkit.run import checkpoint
 from ddpmkit.run.load import load_denoiser
-from ddpmkit.run.sampling import check_guidance, generate
+from ddpmkit.run.sampling import check_guidance, generate, proportional_labels
 
 # ---- `ddpmkit eval`: one report per evaluation -------------------------------------------------
 
@@ -40,10 +40,20 @@ def evaluate_run(
     which: str = "ema",
     progress: bool = True,
 ) -> dict:
-    """Draw n samples from a run (classes balanced), score them, and estimate bits/dim on nll_n test images."""
+    """Draw n samples from a run (classes in the training data's proportions), score them, and
+    estimate bits/dim on nll_n test images."""
     config, denoiser = load_denoiser(run_dir, device, which)
     check_guidance(config, settings.guidance)
-    labels = torch.arange(n) % config.num_classes if config.data.conditional else None
+    data = {"name": config.data.dataset, "data_dir": config.data.data_dir, "image_size": config.data.image_size}
+    if config.data.train_on_all:
+        data["train_on_all"] = True
+        print(
+            "note: this run trained on the whole folder (--train-on-all), so the held-out images that "
+            "eval judges against are not held out from it",
+            file=sys.stderr,
+        )
+    domain = load_domain_metrics(data, device, progress)
+    labels = sample_labels(config, n, domain) if config.data.conditional else None
     shape = (config.in_channels, config.image_size, config.image_size)
     images = generate(
         denoiser,
@@ -56,8 +66,7 @@ def evaluate_run(
         device=device,
         progress=progress,
     )
-    data = {"name": config.data.dataset, "data_dir": config.data.data_dir, "image_size": config.data.image_size}
-    results = score_images(images, labels, data, inception, inception_weights_path, device, progress)
+    results = score_images(images, labels, data, inception, inception_weights_path, device, progress, domain)
     if nll_n > 0:
         test = load_dataset(data["name"], "test", data["data_dir"], data["image_size"], progress=progress)
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:nll_n]
@@ -125,12 +134,33 @@ def evaluate_reference(
     }
 
 
-def score_images(images, labels, data: dict, inception: str, weights, device, progress) -> dict:
+def sample_labels(config, n: int, domain: DomainMetrics | None) -> torch.Tensor:
+    """The classes to draw n samples of: in the proportions of the classes the domain classifier was
+    trained on (the training split's), so that the samples are compared with images distributed like
+    them; equal proportions (or no classifier) give the classes in turn."""
+    counts = domain.info.get("train_class_counts") if domain is not None else None
+    if counts is None or len(counts) != config.num_classes:
+        counts = [1] * config.num_classes
+    return proportional_labels(n, counts)
+
+
+def load_domain_metrics(data: dict, device, progress: bool) -> DomainMetrics | None:
+    """The dataset's domain metrics, or None when they cannot be had (score_images then says why)."""
+    try:
+        return DomainMetrics.for_dataset(data["name"], data["data_dir"], data["image_size"], device, progress)
+    except DdpmkitError:
+        return None
+
+
+def score_images(images, labels, data: dict, inception: str, weights, device, progress, domain=None) -> dict:
     """Domain metrics, plus Inception's when asked for (inception "on", or "auto" on a GPU) and
-    available; a skipped group gets one line on stderr saying why and how to get it."""
+    available; a skipped group gets one line on stderr saying why and how to get it.
+    domain: the DomainMetrics of `data` when already loaded."""
     results = {}
     try:
-        domain = DomainMetrics.for_dataset(data["name"], data["data_dir"], data["image_size"], device, progress)
+        domain = domain or DomainMetrics.for_dataset(
+            data["name"], data["data_dir"], data["image_size"], device, progress
+        )
         results["domain"] = domain.score(images, labels)
         results["classifier"] = domain.info
     except DdpmkitError as why:  # e.g. a folder dataset without classes
