@@ -105,14 +105,12 @@ def run_ddpmkit(args, work: Path, grid: Path) -> dict:
 def draw_ddpmkit(run: Path, n: int, seed: int, out: Path) -> None:
     """n samples of the run's EMA weights with its default sampler, labelled as `ddpmkit eval` labels
     them (the training split's class proportions), saved as `ddpmkit sample --npz` would."""
-    from ddpmkit.eval.report import load_domain_metrics, sample_labels
+    from ddpmkit.eval.report import eval_labels
     from ddpmkit.run.load import load_denoiser
     from ddpmkit.run.sampling import generate
 
     config, denoiser = load_denoiser(run, "cpu", "ema")
-    data = {"name": config.data.dataset, "data_dir": config.data.data_dir, "image_size": config.data.image_size}
-    domain = load_domain_metrics(data, "cpu", progress=False)
-    labels = sample_labels(config, n, domain) if config.data.conditional else None
+    labels = eval_labels(config, n)
     shape = (config.in_channels, config.image_size, config.image_size)
     images = generate(denoiser, n, shape, labels=labels, settings=config.sample, seed=seed, batch_size=SAMPLE_BATCH)
     save_npz(out, images, labels)

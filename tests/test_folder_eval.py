@@ -15,7 +15,8 @@ from ddpmkit.data import load_dataset, open_folder_dataset
 from ddpmkit.data.split import MIN_CLASS_HELD_OUT, held_out, held_out_count, split_indices
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.eval import domain
-from ddpmkit.eval.report import sample_labels
+from ddpmkit.eval.report import eval_labels, sample_labels
+from ddpmkit.run import checkpoint
 from ddpmkit.run.config import RunConfig, apply_overrides
 from ddpmkit.run.sampling import proportional_labels
 from ddpmkit.train.stream import training_data
@@ -194,5 +195,8 @@ def test_eval_scores_a_folder_run_and_its_reference_rows(folder, tmp_path, monke
         reports[blur] = json.loads(path.read_text())["results"]["domain"]
     assert reports["0"]["fd_dom"] < reports["1"]["fd_dom"]  # blurring moves real images away from the held-out ones
     assert reports["0"]["conditional_accuracy"] >= 0.8
+    # what scripts that score their own draws use: the same labels as eval, in the data's proportions
+    config = checkpoint.load_config(run)
+    assert torch.bincount(eval_labels(config, 43)).tolist() == [27, 11, 5]
     assert main(["eval", str(run), "--image-size", "16"]) == 2
     assert "--image-size goes with --reference" in capsys.readouterr().err

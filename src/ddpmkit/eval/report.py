@@ -144,6 +144,15 @@ def sample_labels(config, n: int, domain: DomainMetrics | None) -> torch.Tensor:
     return proportional_labels(n, counts)
 
 
+def eval_labels(config, n: int, device="cpu", progress: bool = False) -> torch.Tensor | None:
+    """The labels `ddpmkit eval` draws n samples of for a run (sample_labels; None when unconditional):
+    for scripts that draw and score the same images themselves."""
+    if not config.data.conditional:
+        return None
+    data = {"name": config.data.dataset, "data_dir": config.data.data_dir, "image_size": config.data.image_size}
+    return sample_labels(config, n, load_domain_metrics(data, device, progress))
+
+
 def load_domain_metrics(data: dict, device, progress: bool) -> DomainMetrics | None:
     """The dataset's domain metrics, or None when they cannot be had (score_images then says why)."""
     try:
