@@ -38,6 +38,18 @@ DIFFUSERS_UNET = {
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 }
+
+
+def lucidrains_unet(channels: int = 1) -> dict:
+    """LUCIDRAINS_UNET for images of `channels` channels (its size comes from GaussianDiffusion)."""
+    return {**LUCIDRAINS_UNET, "channels": channels}
+
+
+def diffusers_unet(channels: int = 1, size: int = 28) -> dict:
+    """DIFFUSERS_UNET for images of `channels` x `size` x `size`."""
+    return {**DIFFUSERS_UNET, "sample_size": size, "in_channels": channels, "out_channels": channels}
+
+
 DISTRIBUTIONS = {"lucidrains": "denoising-diffusion-pytorch", "diffusers": "diffusers"}
 
 
@@ -97,24 +109,25 @@ def lucidrains_diffusion(sampling_steps: int, image_size: int = 28, **unet_kwarg
     return GaussianDiffusion(unet, image_size=image_size, sampling_timesteps=sampling_steps)
 
 
-def lucidrains_params() -> int:
+def lucidrains_params(channels: int = 1, size: int = 28) -> int:
     install_torchvision_stand_in()
     from denoising_diffusion_pytorch import Unet
 
-    return count(Unet(**LUCIDRAINS_UNET))
+    return count(Unet(**lucidrains_unet(channels)))  # the size changes no parameter
 
 
-def diffusers_params() -> int:
+def diffusers_params(channels: int = 1, size: int = 28) -> int:
     install_torchvision_stand_in()
     from diffusers import UNet2DModel
 
-    return count(UNet2DModel(**DIFFUSERS_UNET))
+    return count(UNet2DModel(**diffusers_unet(channels, size)))
 
 
 def lucidrains_workload(images01: torch.Tensor, sampling_steps: int) -> Workload:
     """Training: GaussianDiffusion's own loss on images in [0, 1], backward, AdamW. Sampling: its
-    DDIM (`sample`). Runs on the device of `images01`."""
-    diffusion = lucidrains_diffusion(sampling_steps).to(images01.device)
+    DDIM (`sample`). Runs on the device of `images01`, at its shape."""
+    channels, size = images01.shape[1], images01.shape[-1]
+    diffusion = lucidrains_diffusion(sampling_steps, size, channels=channels).to(images01.device)
     optimizer = torch.optim.AdamW(diffusion.parameters(), lr=1e-4)
     batch = len(images01)
 
@@ -134,7 +147,7 @@ def lucidrains_workload(images01: torch.Tensor, sampling_steps: int) -> Workload
     info = {
         "library": "denoising-diffusion-pytorch",
         "version": version("lucidrains"),
-        "unet": LUCIDRAINS_UNET,
+        "unet": lucidrains_unet(channels),
         "diffusion": {
             "timesteps": diffusion.num_timesteps,
             "objective": diffusion.objective,
@@ -148,11 +161,12 @@ def lucidrains_workload(images01: torch.Tensor, sampling_steps: int) -> Workload
 def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
     """Training: the diffusers training-example loop (DDPMScheduler.add_noise, MSE on the noise,
     AdamW) on images in [-1, 1]. Sampling: DDIMScheduler (its defaults) over the UNet, eta 0. Runs on
-    the device of `images`."""
+    the device of `images`, at its shape."""
     install_torchvision_stand_in()
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(**DIFFUSERS_UNET).to(images.device)
+    config = diffusers_unet(images.shape[1], images.shape[-1])
+    unet = UNet2DModel(**config).to(images.device)
     train_scheduler, sample_scheduler = DDPMScheduler(), DDIMScheduler()
     T = train_scheduler.config.num_train_timesteps
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -182,7 +196,7 @@ def diffusers_workload(images: torch.Tensor, sampling_steps: int) -> Workload:
     info = {
         "library": "diffusers",
         "version": version("diffusers"),
-        "unet": DIFFUSERS_UNET,
+        "unet": config,
         "scheduler": {"train": "DDPMScheduler()", "sample": "DDIMScheduler()", "steps": sampling_steps},
         "precision": "fp32",
     }
@@ -207,7 +221,8 @@ LUCIDRAINS_TRAINER = {
 
 
 def train_lucidrains(images01: torch.Tensor, minutes: float, seed: int = 0, **trainer) -> tuple:
-    """Train GaussianDiffusion on images in [0, 1] for `minutes` of wall clock.
+    """Train GaussianDiffusion on images in [0, 1] (of any channels and square size) for `minutes` of
+    wall clock; `trainer` overrides LUCIDRAINS_TRAINER (e.g. lr).
     Returns (the EMA GaussianDiffusion, optimizer steps, images seen, seconds trained)."""
     import time
 
@@ -215,7 +230,7 @@ def train_lucidrains(images01: torch.Tensor, minutes: float, seed: int = 0, **tr
 
     cfg = {**LUCIDRAINS_TRAINER, **trainer}
     torch.manual_seed(seed)
-    diffusion = lucidrains_diffusion(sampling_steps=50)
+    diffusion = lucidrains_diffusion(50, images01.shape[-1], channels=images01.shape[1])
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=cfg["lr"], betas=cfg["adam_betas"])
     ema = EMA(diffusion, beta=cfg["ema_decay"], update_every=cfg["ema_update_every"])
     g, batch, order, steps = torch.Generator().manual_seed(seed), cfg["batch_size"], torch.empty(0, dtype=torch.long), 0

@@ -63,9 +63,10 @@ def distill(run: Path, student: Path, args, extra: list[str]) -> dict:
 
 def draw(denoiser, config, settings, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """n images (classes in turn) with `settings`; their labels and the seconds it took."""
+    from ddpmkit.eval.report import eval_labels
     from ddpmkit.run.sampling import generate
 
-    labels = torch.arange(n) % config.num_classes if config.data.conditional else None
+    labels = eval_labels(config, n)  # as `ddpmkit eval` draws them: in the training split's proportions
     shape = (config.in_channels, config.image_size, config.image_size)
     start = time.monotonic()
     images = generate(denoiser, n, shape, labels=labels, settings=settings, seed=seed, batch_size=SAMPLE_BATCH)

@@ -60,19 +60,28 @@ def attention_timing(threads: int, batch: int = 64, repeats: int = 5) -> list[di
     return out
 
 
+def dataset_flags(args) -> list[str]:
+    """`ddpmkit train`'s dataset flags: Fashion-MNIST unless the script set args.dataset (recipe.py --set)."""
+    flags = ["--dataset", getattr(args, "dataset", "fashion-mnist")]
+    flags += ["--data-dir", args.data_dir] if args.data_dir else []
+    return flags + (["--image-size", str(args.image_size)] if getattr(args, "image_size", None) else [])
+
+
 def run_row(name: str, flags: list[str], args, run: Path) -> dict:
     from ddpmkit.run import checkpoint
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
-    data = ["--data-dir", args.data_dir] if args.data_dir else []
     cli = [sys.executable, "-m", "ddpmkit"]
+    peak_file = run.with_name(f"{run.name}-peak-rss-mib.txt")
     print(f"$ ddpmkit train {' '.join(flags)} --minutes {args.minutes}", file=sys.stderr, flush=True)
+    started = time.monotonic()
     subprocess.run(
         [
-            *cli,
+            sys.executable,
+            str(HERE / "_peak.py"),  # `ddpmkit train ...`, writing its peak resident memory to peak_file
+            str(peak_file),
             "train",
-            "--dataset",
-            "fashion-mnist",
+            *dataset_flags(args),
             *flags,
             "--minutes",
             str(args.minutes),
@@ -81,11 +90,11 @@ def run_row(name: str, flags: list[str], args, run: Path) -> dict:
             "--no-progress",
             "--seed",
             str(args.seed),
-            *data,
         ],
         env=env,
         check=True,
     )
+    train_s = time.monotonic() - started
     report = run.with_name(f"{run.name}-eval.json")
     subprocess.run(
         [
@@ -121,8 +130,12 @@ def run_row(name: str, flags: list[str], args, run: Path) -> dict:
         "train_images_per_s": statistics.median(m["images_per_s"] for m in metrics[1:] or metrics),
         "fd_dom": domain["fd_dom"],
         "conditional_accuracy": domain["conditional_accuracy"],
+        "conditional_balanced_accuracy": domain.get("conditional_balanced_accuracy"),
         "precision": domain["precision"],
         "recall": domain["recall"],
+        "train_process_minutes": train_s / 60,  # start-up, data, the --minutes loop, the last checkpoint
+        "peak_rss_mib": float(peak_file.read_text()),
+        "classifier": {k: domain.get(f"classifier_test_{k}") for k in ("accuracy", "balanced_accuracy")},
     }
 
 
@@ -179,9 +192,11 @@ def row_parser(description: str, minutes: float, stem: str) -> argparse.Argument
     return p
 
 
-def parse_rows(p: argparse.ArgumentParser, argv, names: list[str]):
-    """(args, the row names chosen by --rows); one-line errors for impossible values."""
+def parse_rows(p: argparse.ArgumentParser, argv, names):
+    """(args, the row names chosen by --rows); one-line errors for impossible values. names: the
+    rows' names, or a function of the parsed args giving them (recipe.py's --set)."""
     args = p.parse_args(argv)
+    names = names(args) if callable(names) else names
     if args.minutes <= 0 or args.n < 2:
         p.error("--minutes must be > 0 and --n >= 2")
     try:

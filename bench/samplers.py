@@ -86,16 +86,16 @@ def eval_command(run_dir, row: dict, guidance: float, args) -> str:
 def measure(run_dir: Path, todo: list[dict], args) -> list[dict]:
     """Sample and score each planned row in this process, one after the other."""
     from ddpmkit.core.precision import resolve_precision
-    from ddpmkit.eval.report import score_images
+    from ddpmkit.eval.report import dataset_of, eval_labels, score_images
     from ddpmkit.run.load import load_denoiser
     from ddpmkit.run.sampling import check_guidance, generate
 
     config, denoiser = load_denoiser(run_dir, args.device, "ema")
     guidance = config.sample.guidance if args.guidance is None else args.guidance
     check_guidance(config, guidance)
-    labels = torch.arange(args.n) % config.num_classes if config.data.conditional else None
+    labels = eval_labels(config, args.n)  # as `ddpmkit eval` draws them: in the training split's proportions
     shape = (config.in_channels, config.image_size, config.image_size)
-    data = {"name": config.data.dataset, "data_dir": config.data.data_dir, "image_size": config.data.image_size}
+    data = dataset_of(config)
     base = dataclasses.replace(config.sample, guidance=guidance)
 
     def sample(settings, n: int) -> torch.Tensor:

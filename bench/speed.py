@@ -1,12 +1,14 @@
 """Speed of ddpmkit against the reference implementations, in one run on one machine.
 
     python bench/speed.py                  # the full comparison; writes bench/results/speed-<date>.{md,json}
+    python bench/speed.py --channels 3 --size 32   # colour: bench/results/speed-<date>-3x32x32.{md,json}
     python bench/speed.py --quick          # tiny sizes, a smoke run (writes under bench/_work/)
 
 Every row runs in a fresh subprocess with the same thread count and the same input (1x28x28
-images, batch 64): training images/s (forward + backward + optimizer step, median of timed
-windows after a warm-up), sampling images/s (50 DDIM steps for one batch), peak resident memory
-over an idle `import torch` process, and achieved FLOP/s against a measured matmul peak.
+images by default, --channels and --size for others; batch 64): training images/s (forward +
+backward + optimizer step, median of timed windows after a warm-up), sampling images/s (50 DDIM
+steps for one batch), peak resident memory over an idle `import torch` process, and achieved
+FLOP/s against a measured matmul peak.
 ddpmkit is matched in parameter count to each reference (within 5%) and also shown at its
 default model; its rows run with the precision a user gets ("auto") and in fp32.
 """
@@ -28,17 +30,36 @@ from _measure import FULL, QUICK, Sizes, Workload
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 0.05  # matched parameter counts: |ours / reference - 1| <= 5%
-REFERENCES = {  # the reference's width multipliers and the sizes where it has full attention
-    "lucidrains": {"channel_mults": (1, 2, 4), "attn_resolutions": (7,)},
-    "diffusers": {"channel_mults": (1, 2, 4), "attn_resolutions": (14, 7)},
+REFERENCES = {  # the reference's width multipliers and the levels (0 = full size) where it has full attention
+    "lucidrains": {"channel_mults": (1, 2, 4), "attn_levels": (2,)},  # 7x7 at 28, 8x8 at 32, 16x16 at 64
+    "diffusers": {"channel_mults": (1, 2, 4), "attn_levels": (1, 2)},  # 14 and 7 at 28, 16 and 8 at 32
 }
+FASHION = (1, 28)  # (channels, size) of the default input
+
+
+def attention_sizes(levels: tuple, size: int) -> tuple:
+    """The feature-map sizes of the given U-Net levels for images of `size` (each level halves it)."""
+    return tuple(size // 2**level for level in levels)
+
+
+def default_model(size: int) -> dict:
+    """ddpmkit's default U-Net at this image size, as `ddpmkit train` builds it: run.config's defaults
+    with the ones that follow the image size (channel multipliers, attention) resolved."""
+    from ddpmkit.run.build import ARCH_KEYS
+    from ddpmkit.run.config import RunConfig, resolve
+
+    model = resolve(RunConfig(image_size=size)).model
+    return {k: getattr(model, k) for k in ARCH_KEYS["unet"]}
 
 
 # ---- ddpmkit ----------------------------------------------------------------------------------
 
 
-def ddpmkit_config(model: dict, conditional: bool, precision: str, sizes: Sizes, compile: bool = False):
-    """A RunConfig with the defaults except the model overrides, batch, precision, compile and sampling steps."""
+def ddpmkit_config(
+    model: dict, conditional: bool, precision: str, sizes: Sizes, compile: bool = False, shape: tuple = FASHION
+):
+    """A RunConfig with the defaults except the model overrides, batch, precision, compile and sampling
+    steps, for images of shape (channels, size) with Fashion-MNIST's ten classes."""
     from ddpmkit.data import DATASETS
     from ddpmkit.run.config import RunConfig, apply_overrides
 
@@ -52,21 +73,21 @@ def ddpmkit_config(model: dict, conditional: bool, precision: str, sizes: Sizes,
         },
     )
     info = DATASETS["fashion-mnist"]
-    config.in_channels, config.image_size = info.channels, info.image_size
+    config.in_channels, config.image_size = shape
     config.num_classes, config.class_names = info.num_classes, info.class_names
     return config
 
 
-def ddpmkit_params(model: dict, conditional: bool) -> int:
+def ddpmkit_params(model: dict, conditional: bool, shape: tuple = FASHION) -> int:
     """Parameters of the ddpmkit network a row builds (counted on the meta device: no memory)."""
     from ddpmkit.run.build import net as build_net
 
     with torch.device("meta"):
-        net = build_net(ddpmkit_config(model, conditional, "fp32", QUICK))
+        net = build_net(ddpmkit_config(model, conditional, "fp32", QUICK, shape=shape))
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple) -> tuple[dict, int]:
+def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple, shape: tuple = FASHION) -> tuple:
     """The unconditional ddpmkit UNet closest in parameters to `target`: base_channels (multiples of
     4) and num_res_blocks with the reference's width multipliers, or, if none is within 5%, with
     ddpmkit's default multipliers, then (1, 2, 3). Attention stays where the reference has full attention."""
@@ -82,7 +103,7 @@ def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple) ->
                     "num_res_blocks": blocks,
                     "attn_resolutions": tuple(attn_resolutions),
                 }
-                params = ddpmkit_params(model, conditional=False)
+                params = ddpmkit_params(model, conditional=False, shape=shape)
                 if best is None or abs(params / target - 1) < abs(best[1] / target - 1):
                     best = (model, params)
                 if params > target:
@@ -92,20 +113,32 @@ def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple) ->
     return best
 
 
-def synthetic_images(n: int) -> torch.Tensor:
-    """n random 1x28x28 uint8 images: the one input every row trains on (speed ignores the pixels)."""
-    return torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+def synthetic_images(n: int, shape: tuple = FASHION) -> torch.Tensor:
+    """n random uint8 images of shape (channels, size): the one input every row trains on (speed
+    ignores the pixels)."""
+    channels, size = shape
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
 
 
-def synthetic_data(n: int):
+def synthetic_data(n: int, shape: tuple = FASHION):
     """synthetic_images with labels 0..9, as ddpmkit's Trainer takes them."""
+    import dataclasses
+
     from ddpmkit.data import DATASETS, ImageData
 
-    return ImageData(synthetic_images(n), torch.arange(n) % 10, DATASETS["fashion-mnist"])
+    info = dataclasses.replace(DATASETS["fashion-mnist"], channels=shape[0], image_size=shape[1])
+    return ImageData(synthetic_images(n, shape), torch.arange(n) % 10, info)
 
 
 def ddpmkit_workload(
-    model: dict, conditional: bool, precision: str, sizes: Sizes, device: str = "cpu", compile: bool = False
+    model: dict,
+    conditional: bool,
+    precision: str,
+    sizes: Sizes,
+    device: str = "cpu",
+    compile: bool = False,
+    shape: tuple = FASHION,
 ) -> Workload:
     """Training: Trainer.train_step as `ddpmkit train` runs it (autocast, clipping, EMA update).
     Sampling: sampling.generate with the run's default sampler (DDIM, eta 0), as `ddpmkit sample`."""
@@ -113,10 +146,9 @@ def ddpmkit_workload(
     from ddpmkit.run.sampling import default_labels, generate
     from ddpmkit.train import Trainer
 
-    config = ddpmkit_config(model, conditional, precision, sizes, compile)
-    trainer = Trainer(
-        config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", synthetic_data(4 * sizes.batch), device
-    )
+    config = ddpmkit_config(model, conditional, precision, sizes, compile, shape)
+    data = synthetic_data(4 * sizes.batch, shape)
+    trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", data, device)
     denoiser = denoiser_for(config, trainer.ema, trainer.schedule)
     labels = default_labels(config, sizes.batch, None)
     labels = labels if labels is None else labels.to(device)
@@ -152,14 +184,14 @@ def ddpmkit_workload(
 
 
 def build(spec: dict, sizes: Sizes) -> Workload:
-    device = spec.get("device", "cpu")
+    device, shape = spec.get("device", "cpu"), tuple(spec.get("shape", FASHION))
     if spec["impl"] == "ddpmkit":
         return ddpmkit_workload(
-            spec["model"], spec["conditional"], spec["precision"], sizes, device, spec.get("compile", False)
+            spec["model"], spec["conditional"], spec["precision"], sizes, device, spec.get("compile", False), shape
         )
     import _refs  # the reference rows import no ddpmkit: their memory is their own
 
-    images = synthetic_images(sizes.batch).to(device)
+    images = synthetic_images(sizes.batch, shape).to(device)
     if spec["impl"] == "lucidrains":
         return _refs.lucidrains_workload(images.float() / 255, sizes.sample_steps)
     return _refs.diffusers_workload(images.float() / 127.5 - 1, sizes.sample_steps)
@@ -221,7 +253,7 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 # ---- the plan and the report ------------------------------------------------------------------
 
 
-def plan(references: list[str], default_model: dict, compile: bool = False) -> list[dict]:
+def plan(references: list[str], default: dict, compile: bool = False, shape: tuple = FASHION) -> list[dict]:
     """Rows: each reference, ddpmkit matched to it (auto and fp32), ddpmkit's default model (and compiled)."""
     import _refs
 
@@ -229,7 +261,8 @@ def plan(references: list[str], default_model: dict, compile: bool = False) -> l
     rows = []
     for ref in references:
         rows.append({"name": ref, "impl": ref, "precision": "fp32"})
-        model, _ = matched_model(counts[ref](), **REFERENCES[ref])
+        mults, levels = REFERENCES[ref]["channel_mults"], REFERENCES[ref]["attn_levels"]
+        model, _ = matched_model(counts[ref](*shape), mults, attention_sizes(levels, shape[1]), shape)
         for precision in ("auto", "fp32"):
             rows.append(
                 {
@@ -246,7 +279,7 @@ def plan(references: list[str], default_model: dict, compile: bool = False) -> l
             {
                 "name": "ddpmkit default",
                 "impl": "ddpmkit",
-                "model": default_model,
+                "model": default,
                 "conditional": True,
                 "precision": precision,
             }
@@ -256,7 +289,7 @@ def plan(references: list[str], default_model: dict, compile: bool = False) -> l
             {
                 "name": "ddpmkit default --compile",
                 "impl": "ddpmkit",
-                "model": default_model,
+                "model": default,
                 "conditional": True,
                 "precision": "auto",
                 "compile": True,
@@ -265,9 +298,11 @@ def plan(references: list[str], default_model: dict, compile: bool = False) -> l
     return rows
 
 
-def measure(rows: list[dict], sizes: Sizes, threads: int, quick: bool, device: str = "cpu") -> dict:
+def measure(
+    rows: list[dict], sizes: Sizes, threads: int, quick: bool, device: str = "cpu", shape: tuple = FASHION
+) -> dict:
     """Run the baseline, the matmul peak and every row, each in its own process; collect the records."""
-    base = {"threads": threads, "device": device}
+    base = {"threads": threads, "device": device, "shape": list(shape)}
     baseline = run_worker({**base, "impl": "baseline"})["rss_mib"]
     n = (512 if quick else 2048) * (4 if device.startswith("cuda") else 1)
     peak = run_worker({**base, "impl": "peak", "n": n, "seconds": 0.5 if quick else 3.0})
@@ -320,6 +355,11 @@ def _fmt_ratio(r: dict, key: str) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
+def _shape_name(result: dict) -> str:
+    channels, size = result.get("shape", FASHION)
+    return f"{channels}x{size}x{size}"
+
+
 def table(result: dict) -> str:
     """The markdown report: machine and versions, the matched configurations, the measurements."""
     m, peak = result["machine"], result["matmul_peak_gflops"]
@@ -343,7 +383,8 @@ def table(result: dict) -> str:
         "References: " + (", ".join(f"{k} {v}" for k, v in result["references"].items()) or "none"),
         *[f"Skipped {k}: {v}" for k, v in result["skipped"].items()],
         "",
-        f"Batch {result['sizes']['batch']} of 1x28x28; sampling {result['sizes']['sample_steps']} DDIM steps; "
+        f"Batch {result['sizes']['batch']} of {_shape_name(result)}; "
+        f"sampling {result['sizes']['sample_steps']} DDIM steps; "
         + (
             "memory columns: peak GPU memory allocated."
             if on_gpu
@@ -386,6 +427,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--batch", type=int, help="images per step and per sampling batch (64)")
     parser.add_argument("--compile", action="store_true", help="add a row: the default model with --compile")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels (1)")
+    parser.add_argument("--size", type=int, default=28, help="image size (28); a multiple of 4 for the references")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -394,13 +437,13 @@ def main(argv=None) -> int:
     machine = _measure.machine(args.threads)  # first: the load average before we add to it
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
+    if args.size < 8 or args.size % 4:
+        parser.error(f"--size must be a multiple of 4 and at least 8 (three U-Net levels), got {args.size}")
+    shape = (args.channels, args.size)
     machine["gpu"] = _measure.gpu(args.device)
     if _measure.busy_warning(machine):
         print(_measure.busy_warning(machine), file=sys.stderr)
     import _refs
-
-    from ddpmkit.run.build import ARCH_KEYS
-    from ddpmkit.run.config import RunConfig, resolve
 
     sizes = QUICK if args.quick else FULL
     if args.batch:
@@ -413,22 +456,25 @@ def main(argv=None) -> int:
         else:
             skipped[ref] = why
             print(f"skipping {ref}: {why}", file=sys.stderr)
-    default_model = {k: getattr(resolve(RunConfig()).model, k) for k in ARCH_KEYS["unet"]}  # at 28x28
     command = "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
         "date": datetime.date.today().isoformat(),
         "command": command.strip(),
         "machine": machine,
         "sizes": sizes._asdict(),
+        "shape": list(shape),
         "quick": args.quick,
         "references": {ref: _refs.version(ref) for ref in references},
         "skipped": skipped,
     }
     result["device"] = args.device
-    result.update(measure(plan(references, default_model, args.compile), sizes, args.threads, args.quick, args.device))
+    rows = plan(references, default_model(args.size), args.compile, shape)
+    result.update(measure(rows, sizes, args.threads, args.quick, args.device, shape))
     report = table(result)
     out = Path(args.results_dir) if args.results_dir else HERE / ("_work" if args.quick else "results")
-    stem = out / f"speed-{result['date']}{'-' + args.device.split(':')[0] if args.device != 'cpu' else ''}"
+    suffix = "" if shape == FASHION else f"-{_shape_name(result)}"
+    suffix += f"-{args.device.split(':')[0]}" if args.device != "cpu" else ""
+    stem = out / f"speed-{result['date']}{suffix}"
     _measure.write_report(stem, result, report)
     return 0
 

@@ -95,9 +95,12 @@ def test_flop_count_includes_cpu_attention():
 
 def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
     recipe = _bench_module("recipe")
-    flags = list(recipe.ROWS.values())
-    assert flags[0] == [] and all(len(f) == 2 and f[0].startswith("--") for f in flags[1:])
-    assert len({tuple(f) for f in flags}) == len(flags)  # no row repeats another
+    for dataset, size, rows in recipe.ROW_SETS.values():
+        flags = list(rows.values())
+        assert flags[0] == [] and all(len(f) in (1, 2) and f[0].startswith("--") for f in flags[1:])
+        assert all(len(f) == 2 or f[0] in ("--hflip", "--grad-checkpointing") for f in flags[1:])  # switches
+        assert len({tuple(f) for f in flags}) == len(flags)  # no row repeats another
+        assert (dataset == "folder") == (size is not None)
     args, chosen = recipe.parse_rows(recipe.row_parser("x", 4.0, "recipe"), ["--rows", "0,7"], list(recipe.ROWS))
     assert chosen == [list(recipe.ROWS)[0], list(recipe.ROWS)[7]] and args.minutes == 4.0
     for bad in (["--rows", "9"], ["--rows", "a"], ["--minutes", "0"]):
@@ -105,6 +108,65 @@ def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
             recipe.parse_rows(recipe.row_parser("x", 4.0, "recipe"), bad, list(recipe.ROWS))
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and ("--rows" in errors[0] or "--minutes" in errors[0])  # after argparse's usage
+    with pytest.raises(SystemExit):
+        recipe.main(["--set", "folder-32", "--rows", "0"])  # a folder set needs the folder
+    assert "--set folder-32 needs --data-dir" in capsys.readouterr().err
+
+
+def test_recipe_report_shows_minutes_and_flags_memory_over_4_gib():
+    recipe = _bench_module("recipe")
+    machine = {"cpu": "cpu", "cores": 2, "torch": "t", "load_average_at_start": 0.0}
+    row = {"params": 1e6, "train_images_per_s": 100.0, "steps": 10, "fd_dom": 20.0, "conditional_accuracy": 0.5}
+    row |= {"precision": 0.5, "recall": 0.5, "train_process_minutes": 15.4, "conditional_balanced_accuracy": 0.4}
+    rows = [{**row, "name": "default", "peak_rss_mib": 1500.0}, {**row, "name": "big", "peak_rss_mib": 5000.0}]
+    rows[0]["classifier"] = {"accuracy": 0.85, "balanced_accuracy": 0.7}
+    result = {"date": "d", "command": "c", "machine": machine, "threads": 2, "minutes": 15, "seed": 0, "n": 9}
+    text = recipe.report({**result, "rows": rows, "dataset": "folder", "data_dir": "/x/emoji", "image_size": 64})
+    assert "folder emoji at 64x64" in text and "| 15.4 | 1500 |" in text and "| 5000 (over 4 GiB) |" in text
+    assert "0.850 accuracy and 0.700 balanced accuracy" in text
+
+
+def test_speed_shapes_place_attention_where_the_references_have_it(speed):
+    assert speed.attention_sizes(speed.REFERENCES["lucidrains"]["attn_levels"], 28) == (7,)
+    assert speed.attention_sizes(speed.REFERENCES["diffusers"]["attn_levels"], 64) == (32, 16)
+    assert speed.default_model(28)["attn_resolutions"] == (7,)  # the default model of `ddpmkit train` at 28x28
+    for channels, size in ((3, 32), (3, 64)):
+        model = speed.default_model(size)
+        levels = [size // 2**level for level in range(len(model["channel_mults"]))]
+        assert model["attn_resolutions"] == (levels[-1],)  # the lowest level, as 7 is at 28
+        config = speed.ddpmkit_config(model, True, "fp32", speed.QUICK, shape=(channels, size))
+        net = build_net(config)
+        x = torch.randn(2, channels, size, size)
+        assert net(x, torch.tensor([3, 500]), torch.tensor([0, 1])).shape == x.shape
+        assert speed.synthetic_data(4, (channels, size)).images.shape == (4, channels, size, size)
+
+
+def test_quality_report_compares_with_the_better_lucidrains_row(tmp_path):
+    quality = _bench_module("quality")
+    score = {"precision": 0.5, "recall": 0.4, "class_entropy": 2.0, "conditional_accuracy": None}
+    scores = {
+        "ddpmkit": {**score, "fd_dom": 30.0, "conditional_accuracy": 0.6, "conditional_balanced_accuracy": 0.5},
+        "lucidrains lr 0.0001": {**score, "fd_dom": 120.0},
+        "lucidrains lr 0.0003": {**score, "fd_dom": 80.0},
+        "floor": {**score, "fd_dom": 5.0},
+        "blurred": {**score, "fd_dom": 200.0},
+    }
+    assert quality.best_reference(scores) == "lucidrains lr 0.0003"
+    classifier = {"train_images": 3403, "test_images": 378, "test_accuracy": 0.85, "test_balanced_accuracy": 0.7}
+    machine = {"cpu": "cpu", "cores": 2, "torch": "t", "load_average_at_start": 0.0}
+    contestants = {"ddpmkit": {"steps": 900, "grid": str(tmp_path / "q-ddpmkit.png")}, "lucidrains lr 0.0001": {}}
+    result = {"date": "d", "command": "c", "machine": machine, "threads": 2, "minutes": 15, "n": 1000}
+    result |= {"dataset": "folder", "data_dir": "/data/emoji-noto", "image_size": 32, "channels": 3}
+    text = quality.report({**result, "contestants": contestants, "scores": scores, "classifier": classifier})
+    assert "| ddpmkit | 15 | 900 |" in text and "**0.38x**" in text  # 30 / 80
+    assert "| lucidrains lr 0.0003 | 15 |  |  | 80.000 | best |" in text
+    assert "real train images blurred (sigma 1 px)" in text and "channels=3" in text
+    assert "0.850 accuracy and 0.700 balanced accuracy on the 378 held-out" in text
+    assert "![ddpmkit](q-ddpmkit.png)" in text
+    args = type("Args", (), {"dataset": "folder", "data_dir": "/data/emoji-noto/", "image_size": 32})()
+    assert quality.result_stem(args, "2026-12-01") == "quality-2026-12-01-emoji-noto-32"
+    args.dataset, args.data_dir, args.image_size = "fashion-mnist", None, None
+    assert quality.result_stem(args, "2026-12-01") == "quality-2026-12-01"
 
 
 def test_sampler_benchmark_plans_nfes_per_sampler():

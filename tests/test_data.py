@@ -432,7 +432,7 @@ def test_truncated_image_with_a_good_header_is_skipped(tmp_path):
 @pytest.mark.parametrize(
     "setup, kwargs, message",
     [
-        (lambda d: save_image(d / "a.png"), {"split": "test"}, "only a train split"),
+        (lambda d: save_image(d / "a.png"), {"split": "test"}, "holds out no images"),
         (lambda d: (save_image(d / "a.png"), save_image(d / "c" / "b.png")), {}, "mixes images"),
         (lambda d: (save_image(d / "a.png", size=(4, 4)), save_image(d / "b.png", size=(6, 6))), {}, "image_size"),
         (lambda d: (d / "x.txt").write_text("hi"), {}, "No readable images"),

@@ -208,6 +208,12 @@ BOOL_FLAGS = {
         True,
         "learn the reverse variances (L_simple + 0.001 L_vlb; min-SNR weights the L_simple part)",
     ),
+    "--train-on-all": (
+        "data.train_on_all",
+        True,
+        "folder datasets: train on every image, the 10%% held out for `ddpmkit eval` too (then eval "
+        "judges against images the model has seen)",
+    ),
     "--stream": (
         "data.stream",
         True,
@@ -661,11 +667,15 @@ def _eval_parser(sub) -> None:
         help="score a run's samples (domain FD, accuracy, precision/recall, FID/IS) "
         "and its bits/dim; or score real images with --reference",
         description="Evaluate RUN_DIR, or with --reference DATASET score N real training images "
-        "(optionally blurred) against the test set, to show what the numbers mean.",
+        "(optionally blurred) against the test set, to show what the numbers mean. A folder's test "
+        "set is the 10% of its images that training leaves out.",
     )
     p.add_argument("run_dir", nargs="?", help="a run directory made by `ddpmkit train`")
     p.add_argument("--reference", metavar="DATASET", help="score real TRAIN images of this dataset instead of a run")
-    p.add_argument("--data-dir", help="with --reference: where the dataset files are")
+    p.add_argument("--data-dir", help="with --reference: where the dataset files are (a folder: the folder)")
+    p.add_argument(
+        "--image-size", type=int, help="with --reference: resize the images to this size, as the run was trained"
+    )
     p.add_argument("--blur", type=float, default=0.0, help="with --reference: Gaussian blur sigma in pixels (0)")
     p.add_argument("--n", type=int, default=1000, help="images to generate (or real images) to score (1000)")
     _sampler_flags(p)
@@ -712,6 +722,7 @@ def cmd_eval(args) -> int:
         (args.nll_stride >= 1, f"--nll-stride must be >= 1, got {args.nll_stride}"),
         (args.blur >= 0, f"--blur must be >= 0, got {args.blur}"),
         ((args.run_dir is None) != (args.reference is None), "give either RUN_DIR or --reference"),
+        (args.image_size is None or args.reference, "--image-size goes with --reference (a run has its own size)"),
     ):
         if not ok:
             raise DdpmkitError(message)
@@ -727,7 +738,9 @@ def cmd_eval(args) -> int:
     }
     started = time.monotonic()
     if args.reference:
-        report = evaluate.evaluate_reference(args.reference, data_dir=args.data_dir, blur=args.blur, **common)
+        report = evaluate.evaluate_reference(
+            args.reference, data_dir=args.data_dir, image_size=args.image_size, blur=args.blur, **common
+        )
         out = Path(args.out) if args.out else None
     else:
         run_dir = Path(args.run_dir)

@@ -3,6 +3,7 @@
 datasets    the registry of named datasets and `load_dataset` (mirrors, checksums, the Debian path)
 imagedata   ImageData / DatasetInfo: a dataset in memory, and resizing
 folder      folders of images: scan, decode, stream
+split       a folder's held-out test split, chosen by a hash of each path
 cifar       CIFAR-10's pickles through a numpy-only unpickler
 idx         the IDX format of MNIST and Fashion-MNIST
 download    finding dataset files; resumable, checksummed downloads

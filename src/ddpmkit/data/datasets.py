@@ -20,6 +20,7 @@ from ddpmkit.data.download import find_dataset_files
 from ddpmkit.data.folder import WHITE, load_folder
 from ddpmkit.data.idx import read_idx
 from ddpmkit.data.imagedata import DatasetInfo, ImageData, check_image_size, resize_center_crop
+from ddpmkit.data.split import FOLDER_SPLITS
 from ddpmkit.errors import DdpmkitError
 
 FASHION_CLASSES = (
@@ -83,6 +84,8 @@ def load_dataset(
 ) -> ImageData:
     """Load a dataset into memory as uint8 images and long labels.
 
+    ``split``: "train" or "test"; for "folder", the test split is the 10% held out by a hash of
+    each path (data.split) and "all" is both.
     ``data_dir``: for named datasets the directory holding the files (itself or
     ``data_dir/<name>``); when given, nothing else is searched. Required for "folder".
     ``image_size``: resize (shorter side, bicubic) and center-crop to this size.
@@ -94,8 +97,9 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise DdpmkitError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}.")
-    if split not in ("train", "test"):
-        raise DdpmkitError(f"Unknown split {split!r}; choose 'train' or 'test'.")
+    if split not in (FOLDER_SPLITS if name == "folder" else ("train", "test")):
+        choices = "'train', 'test' or 'all'" if name == "folder" else "'train' or 'test'"
+        raise DdpmkitError(f"Unknown split {split!r} for {name}; choose {choices}.")
     check_image_size(image_size)
     if name == "folder":
         return load_folder(data_dir, split, image_size, channels, strict, fit=fit, background=background)

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ddpmkit.data.imagedata import DatasetInfo, ImageData, check_image_size, resize_center_crop, resize_pad
+from ddpmkit.data.split import HOLDOUT_FRACTION, MIN_CLASS_HELD_OUT, split_indices
 from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.notes import note
 
@@ -96,6 +97,7 @@ def open_folder_dataset(
     channels: int | None = None,
     strict: bool = False,
     *,
+    split: str = "train",
     fit: str = "crop",
     background: tuple[int, int, int] = WHITE,
 ) -> FolderDataset:
@@ -103,7 +105,8 @@ def open_folder_dataset(
 
     Images sitting in first-level subfolders are labelled by folder (sorted names -> ids);
     images directly in the folder are unlabelled (-1). Hidden files and folders are ignored.
-    What is skipped is noted (``ddpmkit.notes``), one line per kind.
+    What is skipped is noted (``ddpmkit.notes``), one line per kind. ``split``: "train", "test" (the
+    images held out, see data.split) or "all".
     """
     _check_options(fit, background)
     check_image_size(image_size)
@@ -131,7 +134,20 @@ def open_folder_dataset(
     channels = _choose_channels(channels, [gray for _, gray, _ in good])
     image_size = image_size or _common_size(root, [size for *_, size in good])
     info = DatasetInfo("folder", channels, image_size, len(class_names), class_names)
-    return FolderDataset([str(p) for p in paths], labels, info, strict, fit, background)
+    return _take_split(FolderDataset([str(p) for p in paths], labels, info, strict, fit, background), root, split)
+
+
+def _take_split(dataset: FolderDataset, root: Path, split: str) -> FolderDataset:
+    """The images of one split (data.split: by a hash of each path relative to the folder)."""
+    relative = [Path(f).relative_to(root).as_posix() for f in dataset.files]
+    keep = split_indices(relative, dataset.labels, split)
+    if not keep:
+        raise DdpmkitError(
+            f"{root} holds out no images: a class needs at least {MIN_CLASS_HELD_OUT} images "
+            f"for {HOLDOUT_FRACTION:.0%} of it to be held out as the test split."
+        )
+    files, labels = [dataset.files[i] for i in keep], [dataset.labels[i] for i in keep]
+    return FolderDataset(files, labels, dataset.info, dataset.strict, dataset.fit, dataset.background)
 
 
 def _check_options(fit: str, background) -> None:
@@ -317,13 +333,8 @@ def load_folder(
     fit: str = "crop",
     background: tuple[int, int, int] = WHITE,
 ) -> ImageData:
-    """Decode a whole (small) folder into memory, skipping and noting unreadable images."""
-    if split != "train":
-        raise DdpmkitError(
-            "An image folder has only a train split; use split='train' "
-            "(to hold images out, keep them in a separate folder)."
-        )
-    dataset = open_folder_dataset(data_dir, image_size, channels, strict, fit=fit, background=background)
+    """Decode one split of a whole (small) folder into memory, skipping and noting unreadable images."""
+    dataset = open_folder_dataset(data_dir, image_size, channels, strict, split=split, fit=fit, background=background)
     if not fits_in_memory(dataset):
         info = dataset.info
         raise DdpmkitError(

@@ -157,11 +157,13 @@ class InceptionMetrics:
         device="cpu",
         download: bool = True,
         progress: bool = True,
+        **decoding,
     ) -> InceptionMetrics:
-        """Raises InceptionUnavailable (one line) when the weights are missing and cannot be downloaded."""
+        """Raises InceptionUnavailable (one line) when the weights are missing and cannot be downloaded.
+        `decoding`: load_dataset's fit and background, as the run was trained."""
         weights = inception_weights(weights, download, progress)
         extractor = load_inception(weights, device)
-        test = load_dataset(name, "test", data_dir, image_size, progress=progress)
+        test = load_dataset(name, "test", data_dir, image_size, progress=progress, **decoding)
         images = test.images[:MAX_REFERENCE]
         stats_path = cache_dir() / "inception" / f"{test.info.name}-{_images_key(images, weights)}-stats.safetensors"
         if stats_path.is_file():

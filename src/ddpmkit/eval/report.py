@@ -14,13 +14,14 @@ from ddpmkit import __version__
 from ddpmkit.core.likelihood import nll_bpd
 from ddpmkit.core.pixels import to_model_range
 from ddpmkit.data import load_dataset
+from ddpmkit.data.folder import WHITE
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.eval.domain import DomainMetrics
 from ddpmkit.eval.inception import INCEPTION_ON_CPU, InceptionMetrics, InceptionUnavailable
 from ddpmkit.eval.metrics import gaussian_blur
 from ddpmkit.run import checkpoint
 from ddpmkit.run.load import load_denoiser
-from ddpmkit.run.sampling import check_guidance, generate
+from ddpmkit.run.sampling import check_guidance, generate, proportional_labels
 
 # ---- `ddpmkit eval`: one report per evaluation -------------------------------------------------
 
@@ -40,10 +41,20 @@ def evaluate_run(
     which: str = "ema",
     progress: bool = True,
 ) -> dict:
-    """Draw n samples from a run (classes balanced), score them, and estimate bits/dim on nll_n test images."""
+    """Draw n samples from a run (classes in the training data's proportions), score them, and
+    estimate bits/dim on nll_n test images."""
     config, denoiser = load_denoiser(run_dir, device, which)
     check_guidance(config, settings.guidance)
-    labels = torch.arange(n) % config.num_classes if config.data.conditional else None
+    data = dataset_of(config)
+    if config.data.train_on_all:
+        data["train_on_all"] = True
+        print(
+            "note: this run trained on the whole folder (--train-on-all), so the held-out images that "
+            "eval judges against are not held out from it",
+            file=sys.stderr,
+        )
+    domain = load_domain_metrics(data, device, progress)
+    labels = sample_labels(config, n, domain) if config.data.conditional else None
     shape = (config.in_channels, config.image_size, config.image_size)
     images = generate(
         denoiser,
@@ -56,10 +67,11 @@ def evaluate_run(
         device=device,
         progress=progress,
     )
-    data = {"name": config.data.dataset, "data_dir": config.data.data_dir, "image_size": config.data.image_size}
-    results = score_images(images, labels, data, inception, inception_weights_path, device, progress)
+    results = score_images(images, labels, data, inception, inception_weights_path, device, progress, domain)
     if nll_n > 0:
-        test = load_dataset(data["name"], "test", data["data_dir"], data["image_size"], progress=progress)
+        test = load_dataset(
+            data["name"], "test", data["data_dir"], data["image_size"], progress=progress, **decoding(data)
+        )
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:nll_n]
         denoiser.precision = "fp32"  # the bound is sensitive to small errors in eps_hat at small t
         results["nll"] = bits_per_dim(
@@ -167,12 +179,60 @@ def evaluate_reference(
     }
 
 
-def score_images(images, labels, data: dict, inception: str, weights, device, progress) -> dict:
+def sample_labels(config, n: int, domain: DomainMetrics | None) -> torch.Tensor:
+    """The classes to draw n samples of: in the proportions of the classes the domain classifier was
+    trained on (the training split's), so that the samples are compared with images distributed like
+    them; equal proportions (or no classifier) give the classes in turn."""
+    counts = domain.info.get("train_class_counts") if domain is not None else None
+    if counts is None or len(counts) != config.num_classes:
+        counts = [1] * config.num_classes
+    return proportional_labels(n, counts)
+
+
+def eval_labels(config, n: int, device="cpu", progress: bool = False) -> torch.Tensor | None:
+    """The labels `ddpmkit eval` draws n samples of for a run (sample_labels; None when unconditional):
+    for scripts that draw and score the same images themselves."""
+    if not config.data.conditional:
+        return None
+    return sample_labels(config, n, load_domain_metrics(dataset_of(config), device, progress))
+
+
+def dataset_of(config) -> dict:
+    """The dataset a run trained on, and how its images were decoded (what eval loads to judge it)."""
+    d = config.data
+    return {
+        "name": d.dataset,
+        "data_dir": d.data_dir,
+        "image_size": d.image_size,
+        "fit": d.fit,
+        "background": list(d.background),
+    }
+
+
+def decoding(data: dict) -> dict:
+    """load_dataset's decoding options of a dataset description (the defaults when it has none)."""
+    return {"fit": data.get("fit", "crop"), "background": tuple(data.get("background", WHITE))}
+
+
+def load_domain_metrics(data: dict, device, progress: bool) -> DomainMetrics | None:
+    """The dataset's domain metrics, or None when they cannot be had (score_images then says why)."""
+    try:
+        return DomainMetrics.for_dataset(
+            data["name"], data["data_dir"], data["image_size"], device, progress, **decoding(data)
+        )
+    except DdpmkitError:
+        return None
+
+
+def score_images(images, labels, data: dict, inception: str, weights, device, progress, domain=None) -> dict:
     """Domain metrics, plus Inception's when asked for (inception "on", or "auto" on a GPU) and
-    available; a skipped group gets one line on stderr saying why and how to get it."""
+    available; a skipped group gets one line on stderr saying why and how to get it.
+    domain: the DomainMetrics of `data` when already loaded."""
     results = {}
     try:
-        domain = DomainMetrics.for_dataset(data["name"], data["data_dir"], data["image_size"], device, progress)
+        domain = domain or DomainMetrics.for_dataset(
+            data["name"], data["data_dir"], data["image_size"], device, progress, **decoding(data)
+        )
         results["domain"] = domain.score(images, labels)
         results["classifier"] = domain.info
     except DdpmkitError as why:  # e.g. a folder dataset without classes
@@ -184,7 +244,7 @@ def score_images(images, labels, data: dict, inception: str, weights, device, pr
         if inception == "auto" and not str(device).startswith("cuda"):
             raise InceptionUnavailable(INCEPTION_ON_CPU)
         metrics = InceptionMetrics.for_dataset(
-            data["name"], data["data_dir"], data["image_size"], weights, device, progress=progress
+            data["name"], data["data_dir"], data["image_size"], weights, device, progress=progress, **decoding(data)
         )
         results["inception"] = metrics.score(images, progress)
     except InceptionUnavailable as why:

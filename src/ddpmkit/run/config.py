@@ -77,6 +77,7 @@ class DataConfig:
     image_size: int | None = None  # None = the dataset's own size
     conditional: bool = True
     label_dropout: float = 0.1  # p(y -> null) in training, for classifier-free guidance
+    train_on_all: bool = False  # folder datasets: train on the held-out split too (data.split)
     stream: bool = False  # folder datasets: decode in DataLoader workers instead of loading into memory
     workers: int | None = None  # DataLoader worker processes when streaming; None = min(4, CPUs)
     fit: str = "crop"  # folder images of another shape: "crop" (shorter side, centre crop) or "pad" (letterbox)
@@ -357,6 +358,10 @@ def validate(config: RunConfig) -> None:
         _one_of(d.objective, OBJECTIVES, "--objective"),
         (d.min_snr_gamma is None or d.min_snr_gamma > 0, "--min-snr-gamma must be > 0"),
         _one_of(data.dataset, DATASETS, "--dataset"),
+        (
+            not data.train_on_all or data.dataset == "folder",
+            f"--train-on-all is for --dataset folder; {data.dataset} has a test split of its own",
+        ),
         (0.0 <= data.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {data.label_dropout}"),
         (t.steps is None or t.steps >= 1, f"--steps must be >= 1, got {t.steps}"),
         (t.epochs is None or 0 < t.epochs < math.inf, f"--epochs must be a finite number > 0, got {t.epochs}"),

@@ -50,6 +50,25 @@ def default_labels(config: RunConfig, n: int, class_id: int | None) -> torch.Ten
     return torch.arange(n) // per_row
 
 
+def proportional_labels(n: int, class_counts) -> torch.Tensor:
+    """n labels drawn in the proportions of class_counts, as y ~ p(y) of the data would fall, without chance.
+
+    Smooth weighted round robin: each step adds every class's count to its credit, takes the class
+    with the most credit (the lowest id on a tie) and charges it the total. Every prefix then holds
+    each class within one image of its share, and equal counts give 0, 1, ..., K-1, 0, ... (arange(n) % K).
+    """
+    counts = [int(c) for c in class_counts]
+    if not counts or min(counts) < 0 or sum(counts) == 0:
+        raise DdpmkitError(f"class counts must be >= 0 with a positive total, got {counts}")
+    credit, total, labels = [0] * len(counts), sum(counts), []
+    for _ in range(n):
+        credit = [c + k for c, k in zip(credit, counts)]
+        best = max(range(len(counts)), key=lambda k: (credit[k], -k))
+        credit[best] -= total
+        labels.append(best)
+    return torch.tensor(labels, dtype=torch.long)
+
+
 def generate(
     denoiser: Denoiser,
     n: int,

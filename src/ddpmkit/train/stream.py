@@ -26,11 +26,12 @@ def training_data(config: RunConfig) -> ImageData | FolderDataset:
     A folder is scanned once (its notes said once), then decoded into memory when it fits.
     """
     d = config.data
+    split = "all" if d.train_on_all else "train"  # a folder's "train" leaves out the images eval judges against
     if d.dataset != "folder":
         if d.stream:
             raise DdpmkitError(f"--stream is for --dataset folder; {d.dataset} is small enough to load into memory")
         return load_dataset(d.dataset, "train", data_dir=d.data_dir, image_size=d.image_size)
-    folder = open_folder_dataset(d.data_dir, d.image_size, fit=d.fit, background=tuple(d.background))
+    folder = open_folder_dataset(d.data_dir, d.image_size, split=split, fit=d.fit, background=tuple(d.background))
     if d.stream:
         return folder
     if fits_in_memory(folder):
