@@ -45,19 +45,34 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """Warm the EMA up so that short runs are not dominated by the random initialisation."""
+def ema_decay_at(step: int, decay: float, power: float | None = None) -> float:
+    """The EMA decay at `step`: min(decay, (1 + step) / (10 + step)), a warm-up so that short runs are
+    not dominated by the random initialisation; or, with `power` gamma, Karras et al. 2024's power-function
+    EMA beta_t = (1 - 1/t)^(gamma + 1), whose length grows with the run (a fixed fraction of it)."""
+    if power is not None:
+        return (1 - 1 / (step + 1)) ** (power + 1)  # beta_t = (1 - 1/t)^(gamma + 1), t = step + 1
     return min(decay, (1 + step) / (10 + step))
 
 
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then constant."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+def lr_at(step: int, lr: float, warmup: int, schedule: str = "constant", planned: int | None = None) -> float:
+    """Linear warm-up over `warmup` steps; then constant, or decaying to 0 at step `planned` (the end of
+    the budget): cosine lr (1 + cos(pi p)) / 2 or linear lr (1 - p), p the progress after the warm-up."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or not planned:
+        return lr
+    p = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return lr * (0.5 * (1 + math.cos(math.pi * p)) if schedule == "cosine" else 1 - p)
+
+
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    """The generator of optimizer step `step`'s randomness: the same on every rank and after a resume."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
 def batch_noise(seed: int, step: int, shape, T: int, device) -> Noise:
-    """(t, eps, u) for the whole global batch of optimizer step `step`: identical on every rank."""
-    return draw_noise(shape, T, device, torch.Generator(device).manual_seed(seed * 1_000_003 + step))
+    """(t, eps, u) for the whole global batch of optimizer step `step`, t ~ U{1..T}: identical on every rank."""
+    return draw_noise(shape, T, device, step_generator(seed, step, device))
 
 
 def batch_indices(seed: int, step: int, n_data: int, global_batch: int) -> torch.Tensor:
@@ -136,6 +151,7 @@ class Trainer:
         )
         self.stream = None if isinstance(data, ImageData) else self._stream(data)
         self.step, self.metrics, self.nan_skipped = 0, [], 0
+        self.planned_steps: int | None = None  # where the lr schedule ends (fit sets it)
         self._stop_signal, self._saved_step = None, None
 
     @property
@@ -222,6 +238,8 @@ class Trainer:
         """Train until `total_steps` (the run's total) or `minutes` of wall clock; returns the step."""
         cfg = self.config.train
         deadline = time.monotonic() + 60 * minutes if minutes else None
+        self.planned_steps = total_steps  # a time budget alone: estimated at each log line (the lr schedule)
+        self._started = (self.step, time.monotonic())
         bar = TrainingBar(self.step, total_steps, minutes, enabled=progress and self.dist.rank == 0)
         loss_sum, t_log, n_log = torch.zeros((), device=self.device), time.monotonic(), 0
         with _signals(self):
@@ -230,6 +248,8 @@ class Trainer:
                 self.step, n_log = self.step + 1, n_log + 1
                 if self.step % cfg.log_every == 0 or self._done(total_steps, deadline):
                     loss_sum, t_log, n_log = self._log(bar, loss_sum, t_log, n_log)
+                    if total_steps is None and deadline is not None:
+                        self.planned_steps = self._steps_by(deadline)
                 if self.step % cfg.sample_every == 0:
                     self.write_grid()
                 if self.step % cfg.checkpoint_every == 0:
@@ -245,6 +265,17 @@ class Trainer:
         distributed.barrier()  # the ranks leave together (a rank gone early can abort gloo's peers)
         return self.step
 
+    def _steps_by(self, deadline: float) -> int:
+        """The step this run will reach at `deadline` at its rate so far (the same number on every rank)."""
+        start_step, start_time = self._started
+        now = time.monotonic()
+        rate = (self.step - start_step) / max(now - start_time, 1e-9)
+        estimate = torch.tensor(self.step + rate * max(deadline - now, 0.0), device=self.device)
+        return round(float(distributed.mean(estimate, self.device)))
+
+    def _ema_decay(self) -> float:
+        return ema_decay_at(self.step, self.config.train.ema_decay, self.config.train.ema_power)
+
     def _done(self, total_steps, deadline) -> bool:
         if total_steps is not None and self.step >= total_steps:
             return True
@@ -258,9 +289,10 @@ class Trainer:
         micro, accum = cfg.batch_size, cfg.grad_accum
         idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
         c, size = self.config.in_channels, self.config.image_size
-        noise = batch_noise(cfg.seed, self.step, (self.global_batch, c, size, size), self.schedule.T, self.device)
+        generator = step_generator(cfg.seed, self.step, self.device)
+        noise = self.loss.draw(self.schedule, (self.global_batch, c, size, size), self.device, generator)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg.lr, cfg.warmup)
+            group["lr"] = lr_at(self.step, cfg.lr, cfg.warmup, cfg.lr_schedule, self.planned_steps)
         total = torch.zeros((), device=self.device)
         for k in range(accum):
             sl = distributed.rank_slice(k, micro, dist)  # this rank's slice of micro-batch k
@@ -298,7 +330,7 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
+        ema_update(self.ema, self.model, self._ema_decay())
         return loss
 
     def _scaled_step(self, loss: torch.Tensor) -> torch.Tensor:
@@ -308,7 +340,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.get_scale() >= scale:  # the step was taken; after a skipped one the EMA waits too
-            ema_update(self.ema, self.model, ema_decay_at(self.step, self.config.train.ema_decay))
+            ema_update(self.ema, self.model, self._ema_decay())
         return loss
 
     # ---- outputs -------------------------------------------------------------------------------
