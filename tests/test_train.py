@@ -170,9 +170,16 @@ def test_hflip_flips_each_example_by_the_steps_seeded_coins(tmp_path, flip):
     config, data = tiny_config(batch_size=8), asymmetric_data()
     config.data.hflip = flip
     trainer = Trainer(config, tmp_path, data, "cpu")
-    seen = []
-    loss = trainer.loss
-    trainer.loss = lambda denoiser, x0, y, noise: seen.append(x0.detach().clone()) or loss(denoiser, x0, y, noise)
+    seen, loss = [], trainer.loss
+
+    class Recording:  # the loss, recording the images it is given
+        draw = loss.draw
+
+        def __call__(self, denoiser, x0, y, noise):
+            seen.append(x0.detach().clone())
+            return loss(denoiser, x0, y, noise)
+
+    trainer.loss = Recording()
     for step in range(3):
         trainer.train_step()
         idx = batch_indices(config.train.seed, step, len(data), 8)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ddpmkit import __version__
 from ddpmkit.core.diffusion import OBJECTIVES
+from ddpmkit.core.losses import T_SAMPLING
 from ddpmkit.core.precision import PRECISIONS
 from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS
 from ddpmkit.core.schedules import SCHEDULES, SPACINGS
@@ -27,6 +28,7 @@ from ddpmkit.run import checkpoint
 from ddpmkit.run.config import (
     DDPM_VARIANCES,
     DEFAULT_SAMPLING,
+    LR_SCHEDULES,
     ON_NAN,
     OPTIMIZERS,
     RunConfig,
@@ -118,6 +120,7 @@ TRAIN_FLAGS = [
     ("--timesteps", "diffusion.timesteps", int, "number of diffusion steps T (1000)"),
     ("--schedule", "diffusion.schedule", str, f"noise schedule: {either(SCHEDULES)} (cosine)"),
     ("--objective", "diffusion.objective", str, f"what the network predicts: {either(OBJECTIVES)} (v)"),
+    ("--t-sampling", "diffusion.t_sampling", str, f"how training draws t: {either(T_SAMPLING)} (uniform)"),
     (
         "--min-snr-gamma",
         "diffusion.min_snr_gamma",
@@ -140,8 +143,22 @@ TRAIN_FLAGS = [
     ("--lr", "train.lr", float, "peak learning rate (1e-3 at every image size so far)"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay (0)"),
     ("--warmup", "train.warmup", int, "linear learning-rate warm-up steps (200)"),
+    (
+        "--lr-schedule",
+        "train.lr_schedule",
+        str,
+        f"after the warm-up: {either(LR_SCHEDULES)} (decay to 0 at the end "
+        "of the budget; with --minutes alone the end is estimated from the speed so far) (constant)",
+    ),
     ("--grad-clip", "train.grad_clip", float, "clip the gradient norm to this (1.0; 0 = off)"),
     ("--ema-decay", "train.ema_decay", float, "EMA decay of the sampling weights (0.999)"),
+    (
+        "--ema-power",
+        "train.ema_power",
+        float,
+        "power-function EMA with this gamma instead of --ema-decay: "
+        "beta_t = (1 - 1/t)^(gamma + 1), an average over a fixed fraction of the run (off)",
+    ),
     ("--seed", "train.seed", int, "random seed (0)"),
     ("--precision", "train.precision", str, f"{either(PRECISIONS)} autocast (auto: bf16 where the hardware has it)"),
     ("--log-every", "train.log_every", int, "log metrics every N steps (50)"),

@@ -37,9 +37,31 @@ def sample_t(batch: int, T: int, device, generator=None) -> torch.Tensor:
     return torch.randint(1, T + 1, (batch,), device=device, generator=generator)
 
 
-def draw_noise(shape, T: int, device, generator: torch.Generator | None = None) -> Noise:
-    """t, eps and the coins for a batch of `shape` [B, C, H, W], in this order from `generator`."""
-    t = sample_t(shape[0], T, device, generator)
+def lognormal_t(schedule: Schedule, mean: float = -1.2, std: float = 1.2):
+    """Karras et al. 2022 (EDM): ln sigma ~ N(mean, std^2), sigma = sqrt((1 - alpha_bar) / alpha_bar), mapped
+    to the step t in 1..T whose sigma_t is nearest in log: the noise levels that matter most for images are
+    drawn most often (the uniform t of DDPM spends many draws where x_t is nearly pure noise).
+    Returns a sampler (batch, device, generator) -> t [B]."""
+    log_sigma = 0.5 * (torch.log1p(-schedule.alpha_bar[1:]) - torch.log(schedule.alpha_bar[1:]))  # increasing in t
+
+    def draw(batch: int, device, generator=None) -> torch.Tensor:
+        z = torch.randn(batch, generator=generator, device=device, dtype=torch.float64)
+        target = (mean + std * z).to(log_sigma.device)  # ln sigma ~ N(mean, std^2)
+        i = torch.searchsorted(log_sigma, target).clamp(1, len(log_sigma) - 1)
+        nearer_below = (target - log_sigma[i - 1]) < (log_sigma[i] - target)
+        return (i - nearer_below.long() + 1).to(device)  # index i of log_sigma is t = i + 1
+
+    return draw
+
+
+# how t is drawn in training: name -> schedule -> sampler (None: t ~ U{1..T})
+T_SAMPLING = {"uniform": lambda schedule: None, "lognormal": lognormal_t}
+
+
+def draw_noise(shape, T: int, device, generator: torch.Generator | None = None, t_sampler=None) -> Noise:
+    """t, eps and the coins for a batch of `shape` [B, C, H, W], in this order from `generator`.
+    t_sampler(batch, device, generator) -> t replaces t ~ U{1..T} (e.g. lognormal_t)."""
+    t = sample_t(shape[0], T, device, generator) if t_sampler is None else t_sampler(shape[0], device, generator)
     eps = torch.randn(shape, generator=generator, device=device)  # eps ~ N(0, I)
     u = torch.rand(shape[0], 2, generator=generator, device=device)
     return Noise(t, eps, u)
@@ -74,12 +96,17 @@ class SimpleLoss:
 
     min_snr_gamma: float | None = None
     label_dropout: float = 0.0
+    t_sampling: str = "uniform"  # a name in T_SAMPLING: how the noise level of each example is drawn
+
+    def draw(self, schedule: Schedule, shape, device, generator: torch.Generator | None = None) -> Noise:
+        """The randomness of one batch, with t drawn as `t_sampling` says."""
+        return draw_noise(shape, schedule.T, device, generator, T_SAMPLING[self.t_sampling](schedule))
 
     def __call__(
         self, denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor | None = None, noise: Noise | None = None
     ) -> torch.Tensor:
         schedule = denoiser.schedule
-        t, eps, u = noise if noise is not None else draw_noise(x0.shape, schedule.T, x0.device)
+        t, eps, u = noise if noise is not None else self.draw(schedule, x0.shape, x0.device)
         y = self._drop_labels(denoiser, y, u)
         x_t = diffusion.q_sample(schedule, x0, t, eps)  # x_t ~ q(x_t | x0)
         out = denoiser.network_output(x_t, t, y, self._self_condition(denoiser, x_t, t, y, u))

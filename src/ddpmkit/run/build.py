@@ -86,7 +86,8 @@ def denoiser(
 def loss(config: RunConfig) -> SimpleLoss:
     """L_simple (min-SNR weighted unless gamma is off), or L_hybrid with learned variances."""
     kind = HybridLoss if config.diffusion.learn_sigma else SimpleLoss
-    return kind(min_snr_gamma=config.diffusion.min_snr_gamma, label_dropout=config.data.label_dropout)
+    d = config.diffusion
+    return kind(min_snr_gamma=d.min_snr_gamma, label_dropout=config.data.label_dropout, t_sampling=d.t_sampling)
 
 
 def optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:

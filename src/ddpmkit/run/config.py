@@ -21,6 +21,7 @@ import torch
 
 from ddpmkit.core.diffusion import OBJECTIVES
 from ddpmkit.core.distillation import Grids, halvings
+from ddpmkit.core.losses import T_SAMPLING
 from ddpmkit.core.precision import PRECISIONS
 from ddpmkit.core.samplers import SAMPLERS, UNIPC_ORDERS, sampler_options
 from ddpmkit.core.schedules import SCHEDULES, SPACINGS, build_schedule, check_steps
@@ -29,6 +30,7 @@ from ddpmkit.errors import DdpmkitError, either
 from ddpmkit.models import ARCHITECTURES
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+LR_SCHEDULES = ("constant", "cosine", "linear")
 ON_NAN = ("stop", "skip")
 DDPM_VARIANCES = ("beta_tilde", "beta")
 # the values each sampler option that is a string may take (validation, `ddpmkit serve`'s dropdowns)
@@ -68,6 +70,7 @@ class DiffusionConfig:
     learn_sigma: bool = False  # Nichol & Dhariwal learned variances (L_hybrid)
     # Hang et al. 2023 loss weighting (bench/results/recipe-*: FD 0.7x at equal time); None = L_simple
     min_snr_gamma: float | None = 5.0
+    t_sampling: str = "uniform"  # how training draws t: uniform (DDPM) or lognormal (EDM's ln sigma ~ N(-1.2, 1.2^2))
 
 
 @dataclass
@@ -96,8 +99,10 @@ class TrainConfig:
     lr: float | None = None  # peak learning rate; None = derived (28x28: 1e-3)
     weight_decay: float = 0.0
     warmup: int = 200  # linear LR warm-up steps
+    lr_schedule: str = "constant"  # after the warm-up: constant, or cosine / linear decay to 0 at the budget's end
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_power: float | None = None  # Karras et al. 2024 power-function EMA (gamma); None = ema_decay with warm-up
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where the hardware has it), fp32, bf16, fp16
     log_every: int = 50
@@ -357,6 +362,7 @@ def validate(config: RunConfig) -> None:
         _one_of(d.schedule, SCHEDULES, "--schedule"),
         _one_of(d.objective, OBJECTIVES, "--objective"),
         (d.min_snr_gamma is None or d.min_snr_gamma > 0, "--min-snr-gamma must be > 0"),
+        _one_of(d.t_sampling, T_SAMPLING, "--t-sampling"),
         _one_of(data.dataset, DATASETS, "--dataset"),
         (
             not data.train_on_all or data.dataset == "folder",
@@ -374,6 +380,8 @@ def validate(config: RunConfig) -> None:
         (t.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {t.grad_clip}"),
         (t.warmup >= 0, f"--warmup must be >= 0, got {t.warmup}"),
         (0.0 <= t.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {t.ema_decay}"),
+        (t.ema_power is None or 0 < t.ema_power < math.inf, f"--ema-power must be a number > 0, got {t.ema_power}"),
+        _one_of(t.lr_schedule, LR_SCHEDULES, "--lr-schedule"),
         _one_of(t.precision, PRECISIONS, "--precision"),
         _one_of(t.on_nan, ON_NAN, "--on-nan"),
         (t.keep >= 1, f"--keep must be >= 1, got {t.keep}"),

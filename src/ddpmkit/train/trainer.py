@@ -45,23 +45,39 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """Warm the EMA up so that short runs are not dominated by the random initialisation."""
+def ema_decay_at(step: int, decay: float, power: float | None = None) -> float:
+    """The EMA decay at `step`: min(decay, (1 + step) / (10 + step)), a warm-up so that short runs are
+    not dominated by the random initialisation; or, with `power` gamma, Karras et al. 2024's power-function
+    EMA beta_t = (1 - 1/t)^(gamma + 1), whose length grows with the run (a fixed fraction of it)."""
+    if power is not None:
+        return (1 - 1 / (step + 1)) ** (power + 1)  # beta_t = (1 - 1/t)^(gamma + 1), t = step + 1
     return min(decay, (1 + step) / (10 + step))
 
 
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then constant."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+def lr_at(step: int, lr: float, warmup: int, schedule: str = "constant", planned: int | None = None) -> float:
+    """Linear warm-up over `warmup` steps; then constant, or decaying to 0 at step `planned` (the end of
+    the budget): cosine lr (1 + cos(pi p)) / 2 or linear lr (1 - p), p the progress after the warm-up."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or not planned:
+        return lr
+    p = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return lr * (0.5 * (1 + math.cos(math.pi * p)) if schedule == "cosine" else 1 - p)
 
 
-def batch_randomness(seed: int, step: int, shape, T: int, device) -> tuple[Noise, torch.Tensor]:
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    """The generator of optimizer step `step`'s randomness: the same on every rank and after a resume."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def batch_randomness(seed: int, step: int, shape, T: int, device, draw=None) -> tuple[Noise, torch.Tensor]:
     """Everything random about the global batch of optimizer step `step`, from one generator seeded
     by (seed, step), so identical on every rank and after a resume: the noise (t, eps, u), then a
     coin per image [B] (bool) that --hflip uses to mirror it. Drawn after the noise, the coins leave
-    the noise of every step as it was before flips existed."""
-    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-    noise = draw_noise(shape, T, device, generator)
+    the noise of every step as it was before flips existed. draw(shape, device, generator) -> Noise
+    replaces t ~ U{1..T} (a loss's own noise levels, SimpleLoss.draw)."""
+    generator = step_generator(seed, step, device)
+    noise = draw_noise(shape, T, device, generator) if draw is None else draw(shape, device, generator)
     return noise, torch.rand(shape[0], generator=generator, device=device) < 0.5
 
 
@@ -160,6 +176,7 @@ class Trainer:
         )
         self.stream = None if isinstance(data, ImageData) else self._stream(data)
         self.step, self.metrics, self.nan_skipped = 0, [], 0
+        self.planned_steps: int | None = None  # where the lr schedule ends (fit sets it)
         self._stop_signal, self._saved_step = None, None
 
     @property
@@ -251,6 +268,8 @@ class Trainer:
         """Train until `total_steps` (the run's total) or `minutes` of wall clock; returns the step."""
         cfg = self.config.train
         deadline = time.monotonic() + 60 * minutes if minutes else None
+        self.planned_steps = total_steps  # a time budget alone: estimated at each log line (the lr schedule)
+        self._started = (self.step, time.monotonic())
         bar = TrainingBar(self.step, total_steps, minutes, enabled=progress and self.dist.rank == 0)
         loss_sum, t_log, n_log = torch.zeros((), device=self.device), time.monotonic(), 0
         with _signals(self):
@@ -259,6 +278,8 @@ class Trainer:
                 self.step, n_log = self.step + 1, n_log + 1
                 if self.step % cfg.log_every == 0 or self._done(total_steps, deadline):
                     loss_sum, t_log, n_log = self._log(bar, loss_sum, t_log, n_log)
+                    if total_steps is None and deadline is not None:
+                        self.planned_steps = self._steps_by(deadline)
                 if self.step % cfg.sample_every == 0:
                     self.write_grid()
                 if self.step % cfg.checkpoint_every == 0:
@@ -273,6 +294,14 @@ class Trainer:
             self.write_grid()
         distributed.barrier()  # the ranks leave together (a rank gone early can abort gloo's peers)
         return self.step
+
+    def _steps_by(self, deadline: float) -> int:
+        """The step this run will reach at `deadline` at its rate so far (the same number on every rank)."""
+        start_step, start_time = self._started
+        now = time.monotonic()
+        rate = (self.step - start_step) / max(now - start_time, 1e-9)
+        estimate = torch.tensor(self.step + rate * max(deadline - now, 0.0), device=self.device)
+        return round(float(distributed.mean(estimate, self.device)))
 
     def _done(self, total_steps, deadline) -> bool:
         if total_steps is not None and self.step >= total_steps:
@@ -304,16 +333,21 @@ class Trainer:
         return self._optimizer_step(total)
 
     def randomness_now(self) -> tuple[Noise, torch.Tensor]:
-        """(t, eps, u) of this optimizer step's global batch, t ~ U{1..T}, and a flip coin per image."""
+        """(t, eps, u) of this optimizer step's global batch, t drawn as the loss says, and a flip coin per image."""
         c, size = self.config.in_channels, self.config.image_size
         shape = (self.global_batch, c, size, size)
-        return batch_randomness(self.config.train.seed, self.step, shape, self.schedule.T, self.device)
+
+        def draw(shape, device, generator):
+            return self.loss.draw(self.schedule, shape, device, generator)
+
+        return batch_randomness(self.config.train.seed, self.step, shape, self.schedule.T, self.device, draw)
 
     def lr_now(self) -> float:
-        return lr_at(self.step, self.config.train.lr, self.config.train.warmup)
+        t = self.config.train
+        return lr_at(self.step, t.lr, t.warmup, t.lr_schedule, self.planned_steps)
 
     def ema_decay_now(self) -> float:
-        return ema_decay_at(self.step, self.config.train.ema_decay)
+        return ema_decay_at(self.step, self.config.train.ema_decay, self.config.train.ema_power)
 
     def _micro_batch(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images and labels of this rank's micro-batch k: indexed in memory, or streamed."""
