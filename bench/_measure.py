@@ -140,8 +140,13 @@ def count_flops(fn: Callable[[], None]) -> int:
 def matmul_peak(threads: int, n: int, seconds: float = 2.0, device: str = "cpu") -> dict:
     """GFLOP/s of an n x n @ n x n matmul in fp32 and bf16 (the best of repeated runs)."""
     set_threads(threads)
+    from ddpmkit.core.precision import native_cpu_bf16
+
     out = {"n": n}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and torch.device(device).type == "cpu" and not native_cpu_bf16():
+            out[name] = None  # emulated bf16 is no peak
+            continue
         a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
         a @ b  # warm-up: thread pool, kernel selection
         best, spent = 0.0, 0.0
@@ -154,6 +159,36 @@ def matmul_peak(threads: int, n: int, seconds: float = 2.0, device: str = "cpu")
             best, spent = max(best, 2 * n**3 / elapsed / 1e9), spent + elapsed
         out[name] = best
     return out
+
+
+def conv_peak(threads: int, seconds: float = 2.0, device: str = "cpu") -> dict:
+    """GFLOP/s of a 3x3 convolution (batch 64, 128 -> 128 channels, 28x28, padding 1), forward, in fp32 and,
+    where the CPU computes it natively (or on a GPU), bf16: the rate the U-Nets' main operator can reach."""
+    from ddpmkit.core.precision import native_cpu_bf16
+
+    set_threads(threads)
+    out = {"shape": "64x128x28x28, 3x3 -> 128"}
+    flops = 2 * 64 * 128 * 128 * 9 * 28 * 28
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and torch.device(device).type == "cpu" and not native_cpu_bf16():
+            out[name] = None  # emulated bf16 is no peak
+            continue
+        x = torch.randn(64, 128, 28, 28, dtype=dtype, device=device)
+        w = torch.randn(128, 128, 3, 3, dtype=dtype, device=device)
+        torch.nn.functional.conv2d(x, w, padding=1)  # warm-up: oneDNN primitive creation
+        best, spent = 0.0, 0.0
+        while spent < seconds or best == 0.0:
+            synchronize(device)
+            start = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            best, spent = max(best, flops / elapsed / 1e9), spent + elapsed
+        out[name] = best
+    return out
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def gpu(device: str) -> str:
@@ -177,6 +212,9 @@ def machine(threads: int) -> dict:
         "load_average_at_start": os.getloadavg()[0],
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
+        "isa": [f for f in ISA_FLAGS if f in flags],  # what the CPU has
+        "kernels": torch.backends.cpu.get_cpu_capability(),  # what this process's kernels use
+        "isa_limit": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
         "python": platform.python_version(),
     }
 

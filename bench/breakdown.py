@@ -64,7 +64,7 @@ def worker(spec: dict) -> dict:
         model, conditional = {k: getattr(ModelConfig(), k) for k in ARCH_KEYS["unet"]}, True
     else:
         target = {"lucidrains": 2_607_681}[spec["model"]]
-        model, _ = speed.matched_model(target, **speed.REFERENCES[spec["model"]])
+        model, _ = speed.reference_matched(spec["model"], target)
         conditional = False
     work = speed.ddpmkit_workload(model, conditional, spec["precision"], FULL)
     for _ in range(3):  # warm-up: allocator, oneDNN primitive caches

@@ -13,7 +13,9 @@ metrics only; a folder is judged against its held-out split). Each row also repo
 A shorter budget than the final one ranks the changes cheaply; the winner is confirmed at the full
 budget against the default in one run (`--rows`), since what wins in 4 minutes can lose in 15.
 
-Sets (`--set`): fashion-mnist (the default). Its sweep of bench/results/recipe-2026-11-27-* made
+Sets (`--set`): fashion-mnist (the default); fashion-short: issue 17's round of what the field found
+since DDPM for short budgets (lr decay to the budget's end, power EMA, EDM's noise levels, width).
+The fashion-mnist set's sweep of bench/results/recipe-2026-11-27-* made
 min-SNR (gamma 5) the default; row 7, which was `--min-snr-gamma 5` then, is now
 `--min-snr-gamma off`, so a rerun is the next round: each change on top of min-SNR.
 folder-32 and folder-64: `--dataset folder --data-dir DIR --image-size 32 / 64`, for a folder of
@@ -42,6 +44,24 @@ ROWS = {  # name -> the flags added to the default recipe
     "--min-snr-gamma off (L_simple; the default before this sweep)": ["--min-snr-gamma", "off"],
     "--base-channels 48": ["--base-channels", "48"],
 }
+# issue 17's round: what the field found since DDPM for small budgets, each on top of the defaults
+SHORT_BUDGET_ROWS = {
+    "default (constant lr after warm-up, EMA 0.999 with warm-up, uniform t, min-SNR 5, base 32)": [],
+    "--lr-schedule cosine (decay to 0 at the end of the budget)": ["--lr-schedule", "cosine"],
+    "--ema-power 7 (Karras et al. 2024 power EMA, sigma_rel ~ 0.10: an average over the last ~10%)": [
+        "--ema-power",
+        "7",
+    ],
+    "--t-sampling lognormal (EDM's noise levels)": ["--t-sampling", "lognormal"],
+    "EDM-like: --t-sampling lognormal --min-snr-gamma off (v loss = EDM's weighting at sigma_data 1)": [
+        "--t-sampling",
+        "lognormal",
+        "--min-snr-gamma",
+        "off",
+    ],
+    "--lr 2e-3 --lr-schedule cosine (a higher peak that decays)": ["--lr", "2e-3", "--lr-schedule", "cosine"],
+    "--base-channels 24 (narrower: more steps in the same time)": ["--base-channels", "24"],
+}
 FOLDER_32_ROWS = {
     "default (whatever `ddpmkit train` derives for this folder at 32x32)": [],
     "--base-channels 48 (wider)": ["--base-channels", "48"],
@@ -68,6 +88,7 @@ FOLDER_64_ROWS = {
 # set -> (dataset, image size, rows)
 ROW_SETS = {
     "fashion-mnist": ("fashion-mnist", None, ROWS),
+    "fashion-short": ("fashion-mnist", None, SHORT_BUDGET_ROWS),
     "folder-32": ("folder", 32, FOLDER_32_ROWS),
     "folder-64": ("folder", 64, FOLDER_64_ROWS),
 }

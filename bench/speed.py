@@ -29,6 +29,7 @@ import torch
 from _measure import FULL, QUICK, Sizes, Workload
 
 HERE = Path(__file__).resolve().parent
+ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 TOLERANCE = 0.05  # matched parameter counts: |ours / reference - 1| <= 5%
 REFERENCES = {  # the reference's width multipliers and the levels (0 = full size) where it has full attention
     "lucidrains": {"channel_mults": (1, 2, 4), "attn_levels": (2,)},  # 7x7 at 28, 8x8 at 32, 16x16 at 64
@@ -69,7 +70,7 @@ def ddpmkit_config(
             "model": model,
             "data": {"conditional": conditional},
             "train": {"batch_size": sizes.batch, "precision": precision, "compile": compile},
-            "sample": {"steps": sizes.sample_steps, "precision": precision},
+            "sample": {"steps": sizes.sample_steps, "precision": precision, "compile": compile},
         },
     )
     info = DATASETS["fashion-mnist"]
@@ -87,29 +88,40 @@ def ddpmkit_params(model: dict, conditional: bool, shape: tuple = FASHION) -> in
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
+def reference_matched(ref: str, target: int, shape: tuple = FASHION) -> tuple:
+    """matched_model with the reference's width multipliers and attention levels (`target`: its parameters)."""
+    mults, levels = REFERENCES[ref]["channel_mults"], REFERENCES[ref]["attn_levels"]
+    return matched_model(target, mults, attention_sizes(levels, shape[1]), shape)
+
+
 def matched_model(target: int, channel_mults: tuple, attn_resolutions: tuple, shape: tuple = FASHION) -> tuple:
-    """The unconditional ddpmkit UNet closest in parameters to `target`: base_channels (multiples of
-    4) and num_res_blocks with the reference's width multipliers, or, if none is within 5%, with
+    """The unconditional ddpmkit UNet closest in parameters to `target` (within 5%): base_channels (even
+    numbers whose attention widths the 4 heads divide) with ddpmkit's depth of one residual block per
+    level, else two, then three; with the reference's width multipliers, or, if none is within 5%, with
     ddpmkit's default multipliers, then (1, 2, 3). Attention stays where the reference has full attention."""
+    from ddpmkit.errors import DdpmkitError
     from ddpmkit.run.config import RunConfig, resolve
 
     best = None
     for mults in (tuple(channel_mults), resolve(RunConfig()).model.channel_mults, (1, 2, 3)):
-        for blocks in (1, 2, 3):
-            for base in range(16, 132, 4):  # the count grows with base: stop once past the target
+        for blocks in (1, 2, 3):  # ddpmkit's depth (1) first: widen before deepening
+            for base in range(16, 132, 2):  # the count grows with base: stop once past the target
                 model = {
                     "base_channels": base,
                     "channel_mults": mults,
                     "num_res_blocks": blocks,
                     "attn_resolutions": tuple(attn_resolutions),
                 }
-                params = ddpmkit_params(model, conditional=False, shape=shape)
+                try:
+                    params = ddpmkit_params(model, conditional=False, shape=shape)
+                except DdpmkitError:  # e.g. the heads do not divide an attention width
+                    continue
                 if best is None or abs(params / target - 1) < abs(best[1] / target - 1):
                     best = (model, params)
                 if params > target:
                     break
-        if abs(best[1] / target - 1) <= TOLERANCE:
-            break
+            if best is not None and abs(best[1] / target - 1) <= TOLERANCE:
+                return best
     return best
 
 
@@ -203,8 +215,10 @@ def worker(spec: dict) -> dict:
     if spec["impl"] == "baseline":
         return {"rss_mib": _measure.peak_rss_mib()}
     device = spec.get("device", "cpu")
-    if spec["impl"] == "peak":
-        return _measure.matmul_peak(spec["threads"], spec["n"], spec["seconds"], device)
+    if spec["impl"] == "peak":  # this machine's limits, as the rows' processes see it (kernels, ISA limit)
+        matmul = _measure.matmul_peak(spec["threads"], spec["n"], spec["seconds"], device)
+        conv = _measure.conv_peak(spec["threads"], spec["seconds"], device)
+        return {**matmul, "conv": conv, "kernels": torch.backends.cpu.get_cpu_capability()}
     sizes = Sizes(**spec["sizes"])
     workload = build(spec, sizes)
     rss_built = _measure.peak_rss_mib()
@@ -213,9 +227,14 @@ def worker(spec: dict) -> dict:
     rss_sample, gpu_sample = _measure.peak_rss_mib(), _measure.peak_device_mib(device, reset=True)
     train_rate, train_rates = _measure.train_images_per_s(workload.train_step, sizes, device)
     rss_train, gpu_train = _measure.peak_rss_mib(), _measure.peak_device_mib(device)
+    from ddpmkit.core.precision import resolve_precision
+
+    precision = spec.get("precision", "fp32")
     return {
         "params": workload.params,
         "info": workload.info,
+        # ddpmkit's "auto" as this process resolves it (an ISA limit can make it fp32); the references run fp32
+        "resolved_precision": resolve_precision(precision, device) if spec["impl"] == "ddpmkit" else "fp32",
         "gpu_sample_mib": gpu_sample,
         "gpu_train_mib": gpu_train,
         "train_images_per_s": train_rate,
@@ -261,8 +280,7 @@ def plan(references: list[str], default: dict, compile: bool = False, shape: tup
     rows = []
     for ref in references:
         rows.append({"name": ref, "impl": ref, "precision": "fp32"})
-        mults, levels = REFERENCES[ref]["channel_mults"], REFERENCES[ref]["attn_levels"]
-        model, _ = matched_model(counts[ref](*shape), mults, attention_sizes(levels, shape[1]), shape)
+        model, _ = reference_matched(ref, counts[ref](*shape), shape)
         for precision in ("auto", "fp32"):
             rows.append(
                 {
@@ -330,13 +348,15 @@ def _add_derived(r: dict, records: list[dict], peak: dict, device: str = "cpu") 
     """Achieved GFLOP/s against the matmul peak of the row's precision; ratios to its reference."""
     from ddpmkit.core.precision import resolve_precision
 
-    r["resolved_precision"] = resolve_precision(r["precision"], device)
+    r.setdefault("resolved_precision", resolve_precision(r["precision"], device))
     steps_per_s = r["train_images_per_s"] / r["batch"]
     r["train_gflops"] = r["train_step_flops"] * steps_per_s / 1e9
-    r["train_peak_fraction"] = r["train_gflops"] / peak[r["resolved_precision"]]
     forwards_per_s = r["sample_steps"] * r["sample_images_per_s"] / r["batch"]
     r["sample_gflops"] = r["forward_flops"] * forwards_per_s / 1e9
-    r["sample_peak_fraction"] = r["sample_gflops"] / peak[r["resolved_precision"]]
+    for kind, peaks in (("", peak), ("conv_", peak.get("conv", {}))):  # fractions of the matmul and conv peaks
+        top = peaks.get(r["resolved_precision"])
+        r[f"train_{kind}peak_fraction"] = r["train_gflops"] / top if top else None
+        r[f"sample_{kind}peak_fraction"] = r["sample_gflops"] / top if top else None
     ref = next((x for x in records if x["impl"] == r.get("matched_to")), None)
     if ref is not None:
         keys = (
@@ -353,6 +373,21 @@ def _add_derived(r: dict, records: list[dict], peak: dict, device: str = "cpu") 
 def _fmt_ratio(r: dict, key: str) -> str:
     value = r.get("ratio", {}).get(key)
     return "" if value is None else f"{value:.2f}x"
+
+
+def _gflops(value) -> str:
+    return "-" if value is None else f"{value:.1f} GFLOP/s"
+
+
+def _rate_of_peaks(r: dict, kind: str) -> str:
+    """GFLOP/s and its fractions of the matmul and the convolution peaks."""
+    return (
+        f"{r[kind + '_gflops']:.1f} ({_pct(r[kind + '_peak_fraction'])}, {_pct(r.get(kind + '_conv_peak_fraction'))})"
+    )
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def _shape_name(result: dict) -> str:
@@ -374,11 +409,18 @@ def table(result: dict) -> str:
         (
             f"Device: {m['gpu']} (CUDA; host {m['cpu']}, torch {m['torch']}). "
             if on_gpu
-            else f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
-            f"(AVX-512 BF16: {m['avx512_bf16']}, AMX: {m['amx_bf16']}). "
+            else f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads; "
+            f"instruction sets {', '.join(m.get('isa', []))}; kernels used: {peak.get('kernels', '?')}"
+            + (
+                f" (limited by {', '.join(f'{k}={v}' for k, v in m['isa_limit'].items())})"
+                if m.get("isa_limit")
+                else ""
+            )
+            + ". "
         )
-        + f"Matmul peak ({peak['n']}x{peak['n']}): fp32 {peak['fp32']:.1f} GFLOP/s, "
-        f"bf16 {peak['bf16']:.1f} GFLOP/s.",
+        + f"Peaks: matmul ({peak['n']}x{peak['n']}) fp32 {_gflops(peak['fp32'])}, bf16 {_gflops(peak['bf16'])}; "
+        f"3x3 convolution ({peak.get('conv', {}).get('shape', '?')}) fp32 {_gflops(peak.get('conv', {}).get('fp32'))}, "
+        f"bf16 {_gflops(peak.get('conv', {}).get('bf16'))} (bf16: only where the hardware computes it).",
         "",
         "References: " + (", ".join(f"{k} {v}" for k, v in result["references"].items()) or "none"),
         *[f"Skipped {k}: {v}" for k, v in result["skipped"].items()],
@@ -393,7 +435,7 @@ def table(result: dict) -> str:
         ),
         "",
         "| row | precision | params | train img/s | vs ref | sample img/s | vs ref | train MiB | sample MiB "
-        "| train GFLOP/s (% peak) | sample GFLOP/s (% peak) |",
+        "| train GFLOP/s (% matmul, % conv peak) | sample GFLOP/s (% matmul, % conv peak) |",
         "|" + "---|" * 11,
     ]
     for r in result["rows"]:
@@ -402,8 +444,7 @@ def table(result: dict) -> str:
             f"| {r['name']} | {precision} | {r['params'] / 1e6:.3f}M | {r['train_images_per_s']:.1f} | "
             f"{_fmt_ratio(r, 'train_images_per_s')} | {r['sample_images_per_s']:.2f} | "
             f"{_fmt_ratio(r, 'sample_images_per_s')} | {r[mem + 'train_mib']:.0f} | {r[mem + 'sample_mib']:.0f} | "
-            f"{r['train_gflops']:.1f} ({100 * r['train_peak_fraction']:.0f}%) | "
-            f"{r['sample_gflops']:.1f} ({100 * r['sample_peak_fraction']:.0f}%) |"
+            f"{_rate_of_peaks(r, 'train')} | {_rate_of_peaks(r, 'sample')} |"
         )
     lines += ["", "Matched ddpmkit models (unconditional; other settings are run.config.ModelConfig defaults):", ""]
     for r in result["rows"]:
@@ -429,12 +470,21 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="add a row: the default model with --compile")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels (1)")
     parser.add_argument("--size", type=int, default=28, help="image size (28); a multiple of 4 for the references")
+    parser.add_argument(
+        "--isa",
+        choices=sorted(ISA_ENV),
+        default="native",
+        help="native kernels, or avx2: every row as on an AVX2-only CPU (ATEN_CPU_CAPABILITY and "
+        "ONEDNN_MAX_CPU_ISA limit PyTorch's and oneDNN's kernels; precision auto is then fp32)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _measure.emit(worker(json.loads(args.worker)))
         return 0
     machine = _measure.machine(args.threads)  # first: the load average before we add to it
+    os.environ.update(ISA_ENV[args.isa])  # the rows' processes inherit it
+    machine["isa_limit"] = ISA_ENV[args.isa]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
     if args.size < 8 or args.size % 4:

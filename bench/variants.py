@@ -1,11 +1,14 @@
-"""Training-step variants of the default model, one process each: what a speed choice is worth here.
+"""Speed variants of one model, one process each: what a speed choice is worth on this machine.
 
-    python bench/variants.py                  # foreach vs fused AdamW, channels_last, --compile
-    python bench/variants.py --skip-compile   # without the compile row (it compiles for ~2 minutes)
+    python bench/variants.py                                  # the default model, precision auto, native kernels
+    python bench/variants.py --isa avx2 --precision fp32      # as on an AVX2-only CPU (see bench/breakdown.py)
+    python bench/variants.py --model lucidrains --rows default,channels_last
 
-Each row builds `ddpmkit.train.Trainer` with the defaults (batch 64, precision auto) on synthetic
-1x28x28 data and times Trainer.train_step like bench/speed.py (median of timed windows after a
-warm-up); one thing changes per row. Writes bench/results/variants-<date>.{md,json}.
+Each row builds `ddpmkit.train.Trainer` on synthetic data (batch 64) and times Trainer.train_step
+like bench/speed.py (median of timed windows after a warm-up), then sampling with the run's default
+sampler (DDIM 50, batch 64); one thing changes per row. `compile` rows run in a fresh Inductor cache
+(cold: the compile time is in "first step") and again in the same cache (warm). Writes
+bench/results/variants-<date>-<isa>-<precision>.{md,json}.
 """
 
 from __future__ import annotations
@@ -24,32 +27,48 @@ import torch
 from _measure import FULL
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = {
-    "foreach AdamW (before)": "foreach",
-    "fused AdamW (default)": "default",
-    "fused AdamW, L_simple (--min-snr-gamma off)": "l_simple",
-    "fused AdamW + channels_last": "channels_last",
-    "fused AdamW + --compile": "compile",
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "native": {}}
+VARIANTS = {  # row -> what changes
+    "default": "the defaults (fused AdamW)",
+    "foreach": "foreach AdamW instead of fused",
+    "channels_last": "model weights and activations in channels_last memory format",
+    "compile_cold": "--compile (torch.compile of the training network and of the sampling network), empty cache",
+    "compile_warm": "--compile, the cache the cold row left",
+    "frozen_cold": "sampling only: torch.compile with freezing (weights as constants, convolutions prepacked)",
+    "frozen_warm": "sampling only, frozen compile, the cache the cold row left",
+    "l_simple": "--min-snr-gamma off (L_simple): the weighting's cost",
 }
 
 
-def worker(variant: str, threads: int) -> dict:
+def worker(spec: dict) -> dict:
     import speed
 
-    from ddpmkit.run.build import ARCH_KEYS
-    from ddpmkit.run.config import RunConfig, resolve
+    from ddpmkit.run import build
+    from ddpmkit.run.config import resolve
+    from ddpmkit.run.sampling import default_labels, generate
     from ddpmkit.train import Trainer
 
-    torch.set_num_threads(threads)
-    model = {k: getattr(resolve(RunConfig()).model, k) for k in ARCH_KEYS["unet"]}  # the defaults at 28x28
-    config = speed.ddpmkit_config(model, True, "auto", FULL, compile=variant == "compile")
-    if variant == "l_simple":  # the loss weighting's cost: the default's min-SNR weights are a few ops on [B]
+    torch.set_num_threads(spec["threads"])
+    variant = spec["variant"]
+    if spec["model"] == "default":
+        model, conditional = speed.default_model(28), True
+    else:
+        model, _ = speed.reference_matched(spec["model"], spec["target"])
+        conditional = False
+    compiled, frozen = variant.startswith("compile"), variant.startswith("frozen")
+    config = speed.ddpmkit_config(model, conditional, spec["precision"], FULL, compile=compiled)
+    if variant == "l_simple":
         config.diffusion.min_snr_gamma = None
+    config = resolve(config)
     trainer = Trainer(config, Path(tempfile.gettempdir()) / "ddpmkit-bench-unused", speed.synthetic_data(256))
     if variant == "foreach":
-        trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=trainer.config.train.lr, foreach=True)
+        trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=config.train.lr, foreach=True)
     if variant == "channels_last":
         trainer.model.to(memory_format=torch.channels_last)
+        trainer.ema.to(memory_format=torch.channels_last)
+    denoiser = build.denoiser(config, trainer.ema, trainer.schedule)
+    if compiled or frozen:
+        denoiser.net = build.compiled(trainer.ema, "cpu", frozen=frozen)
 
     def step():
         trainer.train_step()
@@ -59,60 +78,105 @@ def worker(variant: str, threads: int) -> dict:
     step()
     first = time.perf_counter() - start
     rate, rates = _measure.train_images_per_s(step, FULL)
+    labels = default_labels(config, FULL.batch, None)
+    shape = (config.in_channels, config.image_size, config.image_size)
+
+    def sample():
+        return generate(denoiser, FULL.batch, shape, labels=labels, settings=config.sample, batch_size=FULL.batch)
+
+    start = time.perf_counter()
+    sample()  # warm-up (with compile: the sampling network's compilation)
+    first_sample = time.perf_counter() - start
+    sample_rate, sample_rates = _measure.sample_images_per_s(sample, lambda: None, FULL)
     return {
         "train_images_per_s": rate,
         "windows": rates,
         "first_step_s": first,
-        "optimizer": type(trainer.optimizer).__name__,
-        "fused": trainer.optimizer.defaults.get("fused"),
+        "sample_images_per_s": sample_rate,
+        "sample_runs": sample_rates,
+        "first_sample_s": first_sample,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Training-step variants of the default model.")
+    p = argparse.ArgumentParser(description="Speed variants of one model.")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), default="native", help="native, or avx2 (emulated)")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (auto)")
+    p.add_argument("--model", choices=("default", "lucidrains"), default="default")
+    p.add_argument("--rows", help=f"a comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip-compile", action="store_true", help="leave out the --compile row")
     p.add_argument("--results-dir", default=str(HERE / "results"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        _measure.emit(worker(args.worker, args.threads))
+        import json
+
+        _measure.emit(worker(json.loads(args.worker)))
         return 0
+    import json
+
+    rows_wanted = args.rows.split(",") if args.rows else list(VARIANTS)
+    unknown = sorted(set(rows_wanted) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown rows: {', '.join(unknown)}")
     machine = _measure.machine(args.threads)
+    cache = tempfile.mkdtemp(prefix="ddpmkit-inductor-")  # the compile rows' own cache: cold, then warm
+    env = {
+        **os.environ,
+        **ISA_ENV[args.isa],
+        "OMP_NUM_THREADS": str(args.threads),
+        "TQDM_DISABLE": "1",
+        "TORCHINDUCTOR_CACHE_DIR": cache,
+    }
     rows = []
-    for name, variant in VARIANTS.items():
-        if variant == "compile" and args.skip_compile:
-            continue
+    for name in rows_wanted:
+        spec = {
+            "variant": name,
+            "threads": args.threads,
+            "precision": args.precision,
+            "model": args.model,
+            "target": 2_607_681,
+        }
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--threads", str(args.threads)],
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
             capture_output=True,
             text=True,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            env=env,
+            cwd=HERE,
         )
-        rows.append({"name": name, **_measure.parse_result(proc.stdout)})
-    base = next(r for r in rows if r["name"].startswith("fused AdamW (default)"))
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"row {name} failed")
+        rows.append({"name": name, "what": VARIANTS[name], **_measure.parse_result(proc.stdout)})
+    base = rows[0]
     date = datetime.date.today().isoformat()
     command = "python bench/variants.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    flags = ", ".join(machine.get("isa", []))
     lines = [
-        f"# Training-step variants, {date}",
+        f"# Speed variants, {date}",
         "",
         f"Command: `{command.strip()}`",
         "",
         *([_measure.busy_warning(machine), ""] if _measure.busy_warning(machine) else []),
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {args.threads} threads. "
-        "Default model (1.29M parameters, class-conditional), batch 64, precision auto.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({flags}), torch {machine['torch']}, "
+        f"{args.threads} threads; kernels {base['capability']} (--isa {args.isa}); precision {args.precision}; "
+        f"model {args.model} ({base['params'] / 1e6:.2f}M parameters), batch 64; sampling DDIM 50.",
         "",
-        "| variant | train img/s | vs default | first step (s) |",
-        "|---|---|---|---|",
+        "| row | what changes | train img/s | vs first | sample img/s | vs first | first step (s) "
+        "| first sampling (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['train_images_per_s']:.1f} | "
-            f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['first_step_s']:.1f} |"
+            f"| {r['name']} | {r['what']} | {r['train_images_per_s']:.1f} | "
+            f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['sample_images_per_s']:.2f} | "
+            f"{r['sample_images_per_s'] / base['sample_images_per_s']:.2f}x | {r['first_step_s']:.1f} | "
+            f"{r['first_sample_s']:.1f} |"
         )
-    stem = Path(args.results_dir) / f"variants-{date}"
+    stem = Path(args.results_dir) / f"variants-{date}-{args.isa}-{args.model}-{args.precision}"
     _measure.write_report(
         stem, {"date": date, "command": command.strip(), "machine": machine, "rows": rows}, "\n".join(lines) + "\n"
     )

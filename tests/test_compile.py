@@ -44,3 +44,44 @@ def test_compile_flag_reaches_the_config():
     given = _given(build_parser().parse_args(["train", "--out", "r", "--steps", "1", "--compile"]))
     assert given["train"]["compile"] is True
     assert "compile" not in _given(build_parser().parse_args(["train", "--out", "r", "--steps", "1"]))["train"]
+
+
+def test_compiled_sampling_matches_eager_and_compiles_once(tmp_path):
+    """`ddpmkit sample --compile`: the network is compiled once (the denoiser keeps it) and draws the
+    same images as eager mode (on a GPU the compiled network replays CUDA graphs; here it is compiled)."""
+    from ddpmkit.run import build
+    from ddpmkit.run.config import SampleConfig
+    from ddpmkit.run.sampling import generate
+
+    trainer = _trainer(tmp_path, False)
+    settings = SampleConfig(sampler="ddim", steps=3, precision="fp32")
+    labels = torch.tensor([0, 1, 0, 1])
+    eager = build.denoiser(trainer.config, trainer.ema, trainer.schedule)
+    compiled = build.denoiser(trainer.config, trainer.ema, trainer.schedule)
+    on = SampleConfig(**{**settings.__dict__, "compile": True})
+    expected = generate(eager, 4, (1, 8, 8), labels=labels, settings=settings)
+    first = generate(compiled, 4, (1, 8, 8), labels=labels, settings=on)
+    net = compiled.net
+    assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5)
+    generate(compiled, 4, (1, 8, 8), labels=labels, settings=on)
+    assert compiled.net is net  # not wrapped a second time
+    assert not isinstance(eager.net, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_compiled_uses_cuda_graphs_only_on_a_gpu_and_alone(monkeypatch):
+    from ddpmkit.run import build
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, options=None: seen.append(options) or module)
+    net = torch.nn.Linear(2, 2)
+    build.compiled(net, "cpu")
+    build.compiled(net, "cuda")
+    build.compiled(net, "cuda:1", graphs=False)  # under DistributedDataParallel
+    build.compiled(net, "cpu", frozen=True)
+    assert seen == [
+        {"freezing": False},
+        {"freezing": False, "triton.cudagraphs": True},
+        {"freezing": False},
+        {"freezing": True},
+    ]

@@ -97,7 +97,8 @@ def tiny_folder(tmp_path_factory):
 # else a piece (or pieces) of the one-line error, which names the flag
 ALONE = [
     (["--base-channels", "16"], None),
-    (["--base-channels", "6"], "--num-heads 4 must divide the width of every level, [6, 12] (--base-channels"),
+    (["--base-channels", "6"], None),  # attention (4 heads) only at 8x8, where the width is 12
+    (["--base-channels", "5"], "--num-heads 4 must divide the width of every level with attention, [10] (--base"),
     (["--channel-mults", "1,2,2"], None),
     (["--channel-mults", "1,1,1,1,1"], None),
     (["--channel-mults", "1,2,2,2,2,2"], "--image-size 16 is not divisible by 32: the 6 levels of --channel-mults"),

@@ -249,23 +249,6 @@ BOOL_FLAGS = {
         "compiling, and slower on the CPUs we measured)",
     ),
 }
-# resuming may change these: the budget, logging, and how the same global batch is computed
-RESUMABLE = {
-    "train.steps",
-    "train.epochs",
-    "train.minutes",
-    "train.log_every",
-    "train.sample_every",
-    "train.checkpoint_every",
-    "train.keep",
-    "train.on_nan",
-    "train.batch_size",
-    "train.grad_accum",
-    "train.grad_checkpointing",
-    "train.compile",
-    "data.stream",
-    "data.workers",
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -359,6 +342,12 @@ def _sampler_flags(p) -> None:
         "--precision",
         help=f"the network's precision while sampling: {either(PRECISIONS)} "
         "(the run's; auto = bf16 where the hardware has it)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the network for sampling (on a GPU with CUDA graphs; compiling takes a while)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
 

@@ -22,12 +22,14 @@ def resolve_precision(precision: str, device) -> str:
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). oneDNN also runs bf16 on AVX-512
     CPUs without it (`torch.ops.mkldnn._is_mkldnn_bf16_supported()` says yes there), by emulation that
-    is slower than fp32, so that is not enough for "auto"."""
+    is slower than fp32, so that is not enough for "auto"; but it is needed: with oneDNN limited to
+    AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, as bench/ does to measure an AVX2-only CPU) there is no native bf16."""
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # False too where ONEDNN_MAX_CPU_ISA limits it
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if avx512_bf16 is None or amx is None:  # an older torch: oneDNN's check, the best there is
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return bool(avx512_bf16() or amx())
+        return onednn
+    return onednn and bool(avx512_bf16() or amx())
 
 
 def autocast(device, precision: str):

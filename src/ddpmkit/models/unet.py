@@ -76,10 +76,15 @@ def validate(c: dict) -> None:
     sizes = [size // 2**level for level in range(len(mults))]
     missing = sorted(set(c["attn_resolutions"]) - set(sizes))
     require(not missing, f"attn_resolutions {missing} match no level; the levels are {sizes}.")
-    widths = [c["base_channels"] * m for m in mults]
+    # attention splits its channels into heads: at the levels with attention, and in the mid block (the last level)
+    widths = sorted(
+        {c["base_channels"] * m for m, s in zip(mults, sizes) if s in c["attn_resolutions"]}
+        | {c["base_channels"] * mults[-1]}
+    )
     require(
         all(w % heads == 0 for w in widths),
-        f"num_heads {heads} must divide the width of every level, {widths} (base_channels x channel_mults).",
+        f"num_heads {heads} must divide the width of every level with attention, {widths} "
+        "(base_channels x channel_mults).",
     )
     check_choice(c["attn_type"], ATTENTION, "attn_type")
     check_choice(c["time_embedding"], TIME_EMBEDDINGS, "time_embedding")

@@ -90,6 +90,19 @@ def loss(config: RunConfig) -> SimpleLoss:
     return kind(min_snr_gamma=d.min_snr_gamma, label_dropout=config.data.label_dropout, t_sampling=d.t_sampling)
 
 
+def compiled(module: nn.Module, device, graphs: bool = True, frozen: bool = False) -> nn.Module:
+    """torch.compile(module). On a GPU with CUDA graphs (inductor's cudagraphs, what mode
+    "reduce-overhead" turns on), as the small models here are bound by kernel launches there: one graph
+    replays a whole step's kernels; graphs=False (e.g. under DistributedDataParallel, whose gradient
+    hooks a graph would not replay) compiles only. frozen: for inference with fixed weights (sampling a
+    saved run), inductor treats the weights as constants and prepacks the convolutions' (never for a
+    network that is still training: a frozen graph would keep its old weights)."""
+    options = {"freezing": frozen}
+    if graphs and torch.device(device).type == "cuda":
+        options["triton.cudagraphs"] = True
+    return torch.compile(module, options=options)
+
+
 def optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """AdamW or Adam over the model's parameters; one fused kernel where this torch has it."""
     t = resolve(config).train

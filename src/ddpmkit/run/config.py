@@ -136,6 +136,7 @@ class SampleConfig:
     s_noise: float = 1.0  # euler, heun (churn), euler-a, dpm++sde: the scale of the noise they add
     order: int = 2  # unipc: 2 or 3 (its accuracy is order + 1)
     precision: str = "auto"  # the network's precision while sampling (auto: bf16 where native)
+    compile: bool = False  # torch.compile the network for sampling (on a GPU with CUDA graphs)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ddpmkit.core.samplers import get_sampler
 from ddpmkit.core.schedules import timesteps
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.progress import maybe_tqdm
+from ddpmkit.run import build
 from ddpmkit.run.config import RunConfig, SampleConfig, check_sample, sampler_kwargs
 
 
@@ -88,6 +89,9 @@ def generate(
     settings = settings or SampleConfig()
     check_sample(settings, denoiser.schedule.T)
     denoiser.precision = settings.precision
+    if settings.compile and not isinstance(denoiser.net, torch._dynamo.eval_frame.OptimizedModule):
+        # once (later calls reuse it); frozen: sampling a run's saved weights, which do not change
+        denoiser.net = build.compiled(denoiser.net, device, frozen=True)
     sampler, options = get_sampler(settings.sampler), sampler_kwargs(settings)
     steps = timesteps(denoiser.schedule.T, settings.steps, settings.spacing, denoiser.schedule)
     x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))

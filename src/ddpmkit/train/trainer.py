@@ -125,7 +125,8 @@ def write_grid(config: RunConfig, denoiser: Denoiser, path: Path, n: int = 100, 
     classes = max(config.num_classes, 1)
     n = max(n // classes, 1) * classes if config.data.conditional else 64
     labels = default_labels(config, n, None)
-    settings = config.sample
+    # eager: the EMA weights still change (a compiled, frozen network would keep the old ones)
+    settings = SampleConfig(**{**config.sample.__dict__, "compile": False})
     if settings.guidance != 1.0 and config.data.label_dropout <= 0:  # no trained null class to guide with
         settings = SampleConfig(**{**settings.__dict__, "guidance": 1.0})
     images = generate(
@@ -164,7 +165,7 @@ class Trainer:
             _enable_grad_checkpointing(self.model, config.model.arch)
         self.net = distributed.wrap(self.model, self.device)
         if config.train.compile:  # the training forward and backward; sampling runs the EMA copy eagerly
-            self.net = torch.compile(self.net)
+            self.net = build.compiled(self.net, self.device, graphs=self.dist.world_size == 1)
         self.optimizer = build.optimizer(self.model, config)
         self.loss = build.loss(config)
         # the loss sees the (DDP-wrapped, compiled) training network through a Denoiser; no autocast of
