@@ -8,7 +8,7 @@ Each row builds `ddpmkit.train.Trainer` on synthetic data (batch 64) and times T
 like bench/speed.py (median of timed windows after a warm-up), then sampling with the run's default
 sampler (DDIM 50, batch 64); one thing changes per row. `compile` rows run in a fresh Inductor cache
 (cold: the compile time is in "first step") and again in the same cache (warm). Writes
-bench/results/variants-<date>-<isa>-<precision>.{md,json}.
+bench/results/variants-<date>-<isa>-<model>-<precision>[-rows-<rows>].{md,json}.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def main(argv=None) -> int:
             f"{r['sample_images_per_s'] / base['sample_images_per_s']:.2f}x | {r['first_step_s']:.1f} | "
             f"{r['first_sample_s']:.1f} |"
         )
-    stem = Path(args.results_dir) / f"variants-{date}-{args.isa}-{args.model}-{args.precision}"
+    subset = "" if not args.rows else "-rows-" + "-".join(rows_wanted)  # a subset never overwrites a full run
+    stem = Path(args.results_dir) / f"variants-{date}-{args.isa}-{args.model}-{args.precision}{subset}"
     _measure.write_report(
         stem, {"date": date, "command": command.strip(), "machine": machine, "rows": rows}, "\n".join(lines) + "\n"
     )
