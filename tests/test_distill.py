@@ -29,7 +29,7 @@ from ddpmkit.core.schedules import cosine
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.eval import report
 from ddpmkit.run import build, checkpoint
-from ddpmkit.run.config import apply_overrides, distilled_config
+from ddpmkit.run.config import apply_overrides, default_batch_size, distilled_config, resolve
 from ddpmkit.train import trainer as train
 from ddpmkit.train.distill import Distiller, load_round, round_file, teacher_file
 
@@ -392,3 +392,15 @@ def test_random_distill_arguments_exit_2_and_create_nothing(untrained_teacher, t
     argv = [argv[0], str(untrained_teacher), *valid, *argv[1:], "--data-dir", str(root / "no-data"), "--out", str(out)]
     assert fuzz(argv) == 2
     assert not out.exists() and snapshot(untrained_teacher) == before
+
+
+def test_a_students_config_has_its_derived_defaults_resolved(tmp_path):
+    """Without --batch-size the student's batch size is derived (64 up to 64x64) in its config, as
+    `ddpmkit train` writes it: the CLI's check that the data is the teacher's compares the config with
+    the resolved one, and a None there refused every distillation at the default batch size."""
+    teacher_config = resolve(apply_overrides(tiny_config(), {"diffusion": {"timesteps": T}}))
+    teacher_dir = tmp_path / "teacher"
+    checkpoint.create_run(teacher_dir, teacher_config)
+    config = distilled_config(teacher_config, str(teacher_dir), "ckpt-00000004", {"distill": {"start": 8, "to": 2}})
+    assert config.train.batch_size == default_batch_size(teacher_config.image_size) == 64
+    assert resolve(config) == config

@@ -209,7 +209,7 @@ def distilled_config(teacher: RunConfig, teacher_dir: str, checkpoint_name: str,
     sample = dataclasses.replace(
         teacher.sample, sampler="ddim", steps=settings.to, spacing=settings.spacing, guidance=1.0, eta=0.0
     )
-    return dataclasses.replace(
+    student = dataclasses.replace(
         teacher,
         model=dataclasses.replace(teacher.model, dropout=0.0),
         data=dataclasses.replace(teacher.data, **given.get("data", {})),
@@ -217,6 +217,7 @@ def distilled_config(teacher: RunConfig, teacher_dir: str, checkpoint_name: str,
         sample=sample,
         distill=settings,
     )
+    return resolve(student)  # the derived defaults (e.g. the batch size) the student's fresh TrainConfig leaves None
 
 
 def from_dict(cls, data: dict, where: str = ""):
