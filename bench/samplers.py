@@ -51,18 +51,20 @@ REFERENCE = ("ddim", "uniform", {}, 100)  # DDIM-100 (or DDIM-T on a model with 
 BUDGET_S, TOLERANCE = 90.0, 0.10  # 1,000 samples in <= 90 s, FD_dom < 1.10 x DDIM-100's
 
 
-def steps_for(sampler: str, target: int) -> int | None:
-    """The step count whose network evaluations are `target` (at least one per step), or None."""
-    return next((n for n in range(1, target + 1) if nfe(sampler, n) == target), None)
+def steps_for(sampler: str, target: int, schedule=None, spacing: str = "uniform") -> int | None:
+    """The step count whose network evaluations are `target` (at least one per step), or None;
+    with the run's schedule, Heun's evaluations are counted on the steps it visits."""
+    T = schedule.T if schedule is not None else target
+    return next((n for n in range(1, min(target, T) + 1) if nfe(sampler, n, schedule, spacing) == target), None)
 
 
-def plan(rows: list[str], nfes: list[int], T: int) -> tuple[list[dict], list[dict]]:
+def plan(rows: list[str], nfes: list[int], T: int, schedule=None) -> tuple[list[dict], list[dict]]:
     """The (row, NFE, steps) to measure, and those skipped with the reason."""
     todo, skipped = [], []
     for name in rows:
         sampler, spacing, options = ROWS[name]
         for target in nfes:
-            steps = steps_for(sampler, target)
+            steps = steps_for(sampler, target, schedule, spacing)
             if steps is None or steps > T:
                 why = f"no step count makes {target} NFE" if steps is None else f"{steps} steps > T = {T}"
                 skipped.append({"row": name, "nfe": target, "why": why})
@@ -273,7 +275,9 @@ def main(argv=None) -> int:
     try:
         config = checkpoint.load_config(run_dir)
         T = config.diffusion.timesteps
-        todo, skipped = plan(rows, nfes, T)
+        from ddpmkit.run.build import schedule as schedule_of
+
+        todo, skipped = plan(rows, nfes, T, schedule_of(config))
         sampler, spacing, options, ref_steps = REFERENCE
         reference = {"row": "reference", "sampler": sampler, "spacing": spacing, "options": options}
         reference.update(nfe=min(ref_steps, T), steps=min(ref_steps, T))

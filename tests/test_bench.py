@@ -218,9 +218,9 @@ def test_sampler_benchmark_smoke_run_matches_ddpmkit_eval(tiny_mnist, tmp_path, 
     assert [(r["row"], r["nfe"], r["steps"]) for r in result["rows"]] == [
         ("dpm++", 3, 3),
         ("dpm++", 4, 4),
-        ("heun-karras", 3, 2),
+        ("heun-karras", 4, 3),  # its entry step from t = T (sigma_T > 80) is one evaluation: 2n - 2
     ]
-    assert result["skipped"] == [{"row": "heun-karras", "nfe": 4, "why": "no step count makes 4 NFE"}]
+    assert result["skipped"] == [{"row": "heun-karras", "nfe": 3, "why": "no step count makes 3 NFE"}]
     assert result["reference"]["steps"] == 50 and stem.with_suffix(".png").stat().st_size > 10_000
     table = stem.with_suffix(".md").read_text()
     assert table.count("| dpm++ |") == 2 and "reference DDIM-50" in table
@@ -272,8 +272,8 @@ def test_headline_names_the_cpu_kind_and_labels_both_likelihoods():
         "unconditional": {"quantity": "-log p(x)", "bpd": 3.61, "bpd_sem": 0.05},
     }
     rows = {key: {"results": {"domain": domain}, "seconds": 10.0} for key, _, _ in headline.ROWS}
-    rows["ddim50"] = {"results": {"domain": domain, "nll": nll}, "seconds": 600.0, "nll_n": 1000, "nll_stride": 10}
-    rows["dpmpp15"]["sampling"] = {"spacing": "uniform"}
+    rows["default"] = {"results": {"domain": domain, "nll": nll}, "seconds": 600.0, "nll_n": 1000, "nll_stride": 10}
+    rows["default"]["sampling"] = {"sampler": "dpm++", "steps": 10, "spacing": "karras"}
     machine = {"cpu": "X", "cores": 2, "threads": 2, "cpu_kind": "AVX2", "auto_precision": "fp32", "torch": "2"}
     result = {
         "date": "d",
@@ -288,4 +288,5 @@ def test_headline_names_the_cpu_kind_and_labels_both_likelihoods():
     text = headline.table(result)
     assert "CPU kind **AVX2**, `--precision auto` = **fp32**" in text and "step 1,400" in text
     assert "bits/dim -log p(x\\|y) | bits/dim -log p(x) |" in text
-    assert "| 3.49 ± 0.04 | 3.61 ± 0.05 | 600 |" in text and "15 steps, uniform spacing (the default)" in text
+    assert "| 3.49 ± 0.04 | 3.61 ± 0.05 | 600 |" in text
+    assert "the default sampler (dpm++, 10 steps, karras spacing)" in text

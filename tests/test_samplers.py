@@ -29,6 +29,7 @@ from ddpmkit.core.samplers import (
     euler_ancestral,
     get_sampler,
     heun,
+    heun_corrects,
     nfe,
     unipc,
 )
@@ -240,8 +241,22 @@ def test_network_evaluations(name):
     for n in (1, 2, 7):
         den.net.calls = 0
         SAMPLERS[name](den, x_T(4), timesteps(50, n), generator=torch.Generator().manual_seed(0))
-        assert den.net.calls == nfe(name, n)
-    assert nfe("heun", 7) == 13 and nfe("unipc", 7) == 7
+        assert den.net.calls == nfe(name, n, sch, "uniform")
+    assert nfe("heun", 7) == 13 and nfe("unipc", 7) == 7  # on Karras et al.'s own grid
+
+
+def test_heun_enters_the_karras_grid_with_one_euler_step():
+    """From t = T, where the cosine schedule's sigma_T ~ 2e4 is above sigma_max = 80, Heun's first step
+    is a single evaluation (the trapezoid over a 250-fold drop in sigma amplified x0_hat's change ~125x
+    and drew noise on a trained model); on the grid below sigma_max it corrects as Algorithm 1."""
+    sch = cosine(1000)
+    steps = timesteps(1000, 8, "karras", sch)
+    assert sigma(sch, steps[0]) > 80 >= sigma(sch, steps[1])
+    assert not heun_corrects(sch, steps[0], steps[1]) and heun_corrects(sch, steps[1], steps[2])
+    den = gaussian_denoiser(sch)
+    den.net.calls = 0
+    heun(den, x_T(4), steps)
+    assert den.net.calls == nfe("heun", 8, sch, "karras") == 2 * 8 - 2
 
 
 def test_churn_raises_the_noise_level_on_the_grid():

@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 
 from ddpmkit.core.denoiser import Denoiser
-from ddpmkit.core.schedules import sigma, step_at_sigma
+from ddpmkit.core.schedules import KARRAS_SIGMA_MAX, sigma, step_at_sigma
+from ddpmkit.core.schedules import timesteps as spaced_steps
 from ddpmkit.errors import DdpmkitError
 
 
@@ -277,7 +278,9 @@ def heun(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; with s_churn > 0 their
-    stochastic Algorithm 2): 2n - 1 evaluations, the last step to sigma = 0 being a plain Euler step."""
+    stochastic Algorithm 2) on their grid, sigma <= sigma_max = 80: 2n - 1 evaluations there, the last
+    step to sigma = 0 being a plain Euler step. A step that starts above sigma_max (the entry from t = T,
+    where the cosine schedule's sigma_T is ~2e4) is a plain Euler step too (`heun_corrects`)."""
     churn = _Churn(s_churn, s_tmin, s_tmax, s_noise)
     return _karras_sampler(denoiser, x_T, timesteps, y, guidance, generator, callback, churn, heun=True)
 
@@ -312,6 +315,16 @@ def _check_churn(churn: _Churn) -> None:
     _check_s_noise(churn.s_noise)
 
 
+def heun_corrects(schedule, t: int, s: int) -> bool:
+    """Whether Heun's step t -> s takes its second evaluation: on Karras et al.'s grid, ending above
+    sigma = 0 and starting at or below their sigma_max (80). Above it, the step from t = T enters the
+    grid: with the cosine schedule sigma falls 250-fold over it, and the trapezoid rule would multiply
+    the change of x0_hat between its ends by ~125, where the Euler (= DDIM) step is exact while x0_hat
+    barely changes, as it does at such noise (on a trained model Heun drew noise: FD_dom 143 against
+    Euler's 27 at 15 evaluations, bench/results/samplers-2026-12-01.md)."""
+    return s > 0 and sigma(schedule, t) <= KARRAS_SIGMA_MAX
+
+
 def _karras_sampler(denoiser, x_T, timesteps, y, guidance, generator, callback, churn: _Churn, heun: bool):
     """Karras et al. 2022, Algorithm 2 (Algorithm 1 when S_churn = 0), on the steps `timesteps`."""
     _check_churn(churn)
@@ -325,7 +338,7 @@ def _karras_sampler(denoiser, x_T, timesteps, y, guidance, generator, callback, 
         x0_hat = run(i, t_hat, _to_x_t(denoiser, t_hat, x)).x0
         d = (x - x0_hat) / sigma_hat  # d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat
         x_next = x + (sigma_s - sigma_hat) * d  # Euler step: x_s = x_hat + (sigma_s - sigma_hat) d
-        if heun and s > 0:
+        if heun and heun_corrects(schedule, t, s):
             x0_next = run.evaluate(s, _to_x_t(denoiser, s, x_next)).x0
             d_next = (x_next - x0_next) / sigma_s  # d' = (x_s - D(x_s; sigma_s)) / sigma_s
             x_next = x + (sigma_s - sigma_hat) * (d + d_next) / 2  # x_s = x_hat + (sigma_s - sigma_hat) (d + d') / 2
@@ -445,8 +458,13 @@ SAMPLERS: dict[str, Callable] = {
 NFE = {"heun": lambda n: 2 * n - 1}
 
 
-def nfe(name: str, n: int) -> int:
-    """The number of network evaluations sampler `name` makes in n steps (guidance batches both branches)."""
+def nfe(name: str, n: int, schedule=None, spacing: str = "uniform") -> int:
+    """The number of network evaluations sampler `name` makes in n steps (guidance batches both branches).
+    Heun: 2n - 1 on Karras et al.'s grid; given the schedule and spacing, its steps are counted exactly
+    (one evaluation for a step that enters the grid from above sigma_max, see `heun_corrects`)."""
+    if name == "heun" and schedule is not None:
+        steps = spaced_steps(schedule.T, n, spacing, schedule)
+        return n + sum(heun_corrects(schedule, t, s) for _, t, s in _pairs(steps))
     return NFE.get(name, lambda k: k)(n)
 
 
