@@ -9,7 +9,8 @@
    Each round's student stays in WORK/student/rounds/.
 2. n samples each, classes balanced, the same x_T (seed), scored with the domain metrics of
    `ddpmkit eval` (FD_dom, conditional accuracy, precision, recall): the teacher with each baseline
-   sampler (--baselines, default DDIM 50 steps and DPM-Solver++(2M) 10 steps, at the guidance that
+   sampler (--baselines, default DDIM 50 steps on uniform spacing and DPM-Solver++(2M) 10 steps on Karras
+   sigmas, the best 10-NFE sampler of bench/samplers.py, at the guidance that
    was distilled) and the students of --report (8, 4, 2, 1) steps with DDIM on their own grids.
 3. A picture: one row per class, the teacher's first baseline beside the 4-step student, same x_T.
 """
@@ -190,7 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("run", help="the teacher: a run directory made by `ddpmkit train`")
     p.add_argument("--to", type=int, default=1, help="distil down to this many steps (1)")
     p.add_argument("--report", default="8,4,2,1", help="the students scored, by their steps (8,4,2,1)")
-    p.add_argument("--baselines", default="ddim:50,dpm++:10", help="teacher samplers as NAME:STEPS[:SPACING],...")
+    p.add_argument(
+        "--baselines", default="ddim:50:uniform,dpm++:10:karras", help="teacher samplers as NAME:STEPS[:SPACING],..."
+    )
     p.add_argument("--n", type=int, default=1000, help="samples scored for each row (1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (2)")

@@ -32,7 +32,7 @@ quality)
         if [ "$i" = 1 ]; then start=(--preset "${PRESET:-fashion-gpu}"); else start=(--resume); fi
         $PY -m ddpmkit train "${start[@]}" --out "$run" --minutes "$minutes" --device "$DEVICE" --no-progress \
             ${TRAIN_FLAGS:-} || exit 1
-        $PY -m ddpmkit eval "$run" --n "$n" --nll-n 0 --inception off --device "$DEVICE" --no-progress \
+        $PY -m ddpmkit eval "$run" --n "$n" --sampler ddim --steps 50 --spacing uniform --nll-n 0 --inception off --device "$DEVICE" --no-progress \
             --out "$OUT/eval-$i.json" || exit 1
     done
     $PY -m ddpmkit sample "$run" --n 100 --device "$DEVICE" --out "$OUT/samples.png"

@@ -10,9 +10,10 @@ One after the other, each in its own process and each with ddpmkit's defaults:
      are read back from the run);
   2. `ddpmkit sample RUN --n 100 --seed 0` (the picture);
   3. `ddpmkit eval --reference fashion-mnist --n N` (real training images: the floor);
-  4. `ddpmkit eval RUN --n N` (the default sampler, DDIM 50 steps, with bits/dim: -log p(x|y) and
+  4. `ddpmkit eval RUN --n N` (the run's default sampler, with bits/dim: -log p(x|y) and
      -log p(x), each on --nll-n test images with its standard error);
-  5. `ddpmkit eval RUN --n N --sampler dpm++ --steps 15` (DPM-Solver++(2M) at its default spacing);
+  5. `ddpmkit eval RUN --n N --sampler ddim --steps 50 --spacing uniform` (DDIM 50, the default until
+     issue 14) and `... --sampler dpm++ --steps 15 --spacing uniform` (DPM-Solver++(2M) 15 steps);
   6. `ddpmkit eval --reference fashion-mnist --blur 1 --n N` (what a light blur costs).
 
 The report names the machine: the CPU model, its kind for this purpose (AVX-512 BF16, AVX-512 without
@@ -90,21 +91,23 @@ def trained(run: Path) -> dict:
 # the rows of the headline table: (key, what, `ddpmkit eval` arguments after the run or reference)
 ROWS = [
     ("reference", "real training images (floor)", ["--reference", "fashion-mnist"]),
-    ("ddim50", "the model, DDIM 50 steps (the default sampler)", ["RUN"]),
+    ("default", "the model, the default sampler ({sampler}, {steps} steps, {spacing} spacing)", ["RUN"]),
+    ("ddim50", "the model, DDIM 50 steps", ["RUN", "--sampler", "ddim", "--steps", "50", "--spacing", "uniform"]),
     (
         "dpmpp15",
-        "the model, DPM-Solver++(2M) 15 steps, {spacing} spacing (the default)",
-        ["RUN", "--sampler", "dpm++", "--steps", "15"],
+        "the model, DPM-Solver++(2M) 15 steps, uniform spacing",
+        ["RUN", "--sampler", "dpm++", "--steps", "15", "--spacing", "uniform"],
     ),
     ("blur1", "real images blurred (sigma 1 px)", ["--reference", "fashion-mnist", "--blur", "1"]),
 ]
+NLL_ROW = "default"  # bits/dim do not depend on the sampler: computed once, with this row
 
 
 def eval_command(args, key: str, target: list[str], run: Path, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "ddpmkit", "eval", *[str(run) if a == "RUN" else a for a in target]]
     cmd += ["--n", str(args.n), "--seed", str(args.seed), "--inception", "off", "--no-progress", "--out", str(out)]
     if "RUN" in target:
-        nll_n = args.nll_n if key == "ddim50" else 0  # bits/dim do not depend on the sampler: once
+        nll_n = args.nll_n if key == NLL_ROW else 0
         cmd += ["--nll-n", str(nll_n), "--nll-stride", str(args.nll_stride)]
     elif args.data_dir:
         cmd += ["--data-dir", args.data_dir]
@@ -142,14 +145,14 @@ def table(result: dict) -> str:
     ]
     for key, what, _ in ROWS:
         row = result["rows"][key]
-        what, r = what.format(spacing=row.get("sampling", {}).get("spacing")), row["results"]
+        what, r = what.format(**{"sampler": "", "steps": "", "spacing": "", **row.get("sampling", {})}), row["results"]
         d = r["domain"]
         accuracy = "—" if d.get("conditional_accuracy") is None else f"{d['conditional_accuracy']:.3f}"
         lines.append(
             f"| {what} | {d['fd_dom']:.1f} | {accuracy} | {d['precision']:.3f} | {d['recall']:.3f} "
             f"| {_bpd(r.get('nll'), 'conditional')} | {_bpd(r.get('nll'), 'unconditional')} | {row['seconds']:.0f} |"
         )
-    ddim = result["rows"]["ddim50"]
+    ddim = result["rows"][NLL_ROW]
     lines += [
         "",
         f"Bits/dim: the variational bound on {ddim['nll_n']:,} test images, one stratified KL term per block of "

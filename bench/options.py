@@ -3,10 +3,11 @@
     python bench/options.py --minutes 3 --n 500     # writes bench/results/options-<date>.{md,json}
 
 Every row is `ddpmkit train --dataset fashion-mnist --minutes M` with the default recipe plus one
-option, run one after another on the same machine, then `ddpmkit eval --n N` (the run's default
-sampler: DDIM, 50 steps; domain metrics only). Training images/s is the median of the run's logged
-windows after the first. A first section times one attention layer, full against linear, at 28x28
-and 32x32 (forward + backward, the batch and widths of the default model's first level).
+option, run one after another on the same machine, then `ddpmkit eval --n N --sampler ddim --steps 50
+--spacing uniform` (DDIM, 50 steps, as before issue 14; domain metrics only). Training images/s is
+the median of the run's logged windows after the first. A first section times one attention layer,
+full against linear, at 28x28 and 32x32 (forward + backward, the batch and widths of the default
+model's first level).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def run_row(name: str, flags: list[str], args, run: Path) -> dict:
             *cli,
             "eval",
             str(run),
+            *_measure.DDIM_50_FLAGS,
             "--n",
             str(args.n),
             "--nll-n",

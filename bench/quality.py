@@ -9,7 +9,7 @@ minutes on the same machine, one after the other: ddpmkit through its CLI (`ddpm
 --dataset D --minutes M`, the default class-conditional recipe), the reference with its Unet +
 GaussianDiffusion and the defaults of its Trainer (bench/_refs.py), once per learning rate in
 --lucidrains-lrs (its default 1e-4 and a second one: a fair rival is tuned too; the better row is
-the one to beat). Each then draws n images in 50 steps (ddpmkit: the run's default sampler, classes
+the one to beat). Each then draws n images in 50 steps (ddpmkit: DDIM, uniform spacing; classes
 in the training split's proportions as `ddpmkit eval` draws them; lucidrains: DDIM,
 sampling_timesteps=50), and all are scored with ddpmkit's domain metrics against the same reference
 statistics, as are n real training images (the floor: what a perfect model would score at this n)
@@ -19,6 +19,7 @@ and the same images blurred (sigma 1 px). A grid of each contestant goes beside 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import io
 import json
@@ -103,7 +104,7 @@ def run_ddpmkit(args, work: Path, grid: Path) -> dict:
 
 
 def draw_ddpmkit(run: Path, n: int, seed: int, out: Path) -> None:
-    """n samples of the run's EMA weights with its default sampler, labelled as `ddpmkit eval` labels
+    """n samples of the run's EMA weights with DDIM 50 steps, labelled as `ddpmkit eval` labels
     them (the training split's class proportions), saved as `ddpmkit sample --npz` would."""
     from ddpmkit.eval.report import eval_labels
     from ddpmkit.run.load import load_denoiser
@@ -112,7 +113,8 @@ def draw_ddpmkit(run: Path, n: int, seed: int, out: Path) -> None:
     config, denoiser = load_denoiser(run, "cpu", "ema")
     labels = eval_labels(config, n)
     shape = (config.in_channels, config.image_size, config.image_size)
-    images = generate(denoiser, n, shape, labels=labels, settings=config.sample, seed=seed, batch_size=SAMPLE_BATCH)
+    settings = dataclasses.replace(config.sample, **_measure.DDIM_50)  # 50 DDIM steps, as lucidrains samples
+    images = generate(denoiser, n, shape, labels=labels, settings=settings, seed=seed, batch_size=SAMPLE_BATCH)
     save_npz(out, images, labels)
 
 
@@ -326,7 +328,7 @@ def report(result: dict) -> str:
         "",
         "ddpmkit: `ddpmkit train` defaults (class-conditional)"
         + (f" plus `{extra}`" if extra else "")
-        + ", samples drawn with the run's default sampler, classes in the training split's proportions "
+        + ", samples drawn with DDIM 50 steps, classes in the training split's proportions "
         "(as `ddpmkit eval` draws them).",
         f"lucidrains: Unet(dim=32, dim_mults=(1, 2, 4), channels={channels}) in GaussianDiffusion (its defaults), "
         "its Trainer's defaults in a plain loop (bench/_refs.py; random horizontal flips included), at each "

@@ -16,8 +16,8 @@ for seed in ${SEEDS:-0}; do
         $PY -m ddpmkit eval "$run" --n "${N:-1000}" --seed "$seed" --nll-n 0 --inception off --no-progress \
             --out "$out/$1-seed$seed.json" "${@:2}" >/dev/null
     }
-    ev ddim-50 --sampler ddim --steps 50
-    ev ddim-100 --sampler ddim --steps 100
+    ev ddim-50 --sampler ddim --steps 50 --spacing uniform
+    ev ddim-100 --sampler ddim --steps 100 --spacing uniform
     for spacing in uniform quadratic trailing; do
         ev "dpm++-15-$spacing" --sampler dpm++ --steps 15 --spacing "$spacing"
     done

@@ -70,7 +70,7 @@ def ddpmkit_config(
             "model": model,
             "data": {"conditional": conditional},
             "train": {"batch_size": sizes.batch, "precision": precision, "compile": compile},
-            "sample": {"steps": sizes.sample_steps, "precision": precision, "compile": compile},
+            "sample": {**_measure.DDIM_50, "steps": sizes.sample_steps, "precision": precision, "compile": compile},
         },
     )
     info = DATASETS["fashion-mnist"]
@@ -153,7 +153,7 @@ def ddpmkit_workload(
     shape: tuple = FASHION,
 ) -> Workload:
     """Training: Trainer.train_step as `ddpmkit train` runs it (autocast, clipping, EMA update).
-    Sampling: sampling.generate with the run's default sampler (DDIM, eta 0), as `ddpmkit sample`."""
+    Sampling: sampling.generate with DDIM (eta 0, uniform spacing), as the references sample."""
     from ddpmkit.run.build import denoiser as denoiser_for
     from ddpmkit.run.sampling import default_labels, generate
     from ddpmkit.train import Trainer
