@@ -46,7 +46,7 @@ class Sizes(NamedTuple):
 # The sampler every speed and quality row samples with: DDIM, 50 steps, uniform spacing, as the
 # references do (and ddpmkit's default until issue 14), so that rows stay comparable over time.
 DDIM_50 = {"sampler": "ddim", "steps": 50, "spacing": "uniform"}
-DDIM_50_FLAGS = ["--sampler", "ddim", "--steps", "50", "--spacing", "uniform"]
+DDIM_50_FLAGS = [arg for key, value in DDIM_50.items() for arg in (f"--{key}", str(value))]  # for `ddpmkit eval`
 
 FULL = Sizes(batch=64, warmup=3, windows=5, steps_per_window=4, sample_steps=50, sample_repeats=3)
 QUICK = Sizes(batch=4, warmup=1, windows=2, steps_per_window=1, sample_steps=2, sample_repeats=1)

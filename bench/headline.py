@@ -92,7 +92,7 @@ def trained(run: Path) -> dict:
 ROWS = [
     ("reference", "real training images (floor)", ["--reference", "fashion-mnist"]),
     ("default", "the model, the default sampler ({sampler}, {steps} steps, {spacing} spacing)", ["RUN"]),
-    ("ddim50", "the model, DDIM 50 steps", ["RUN", "--sampler", "ddim", "--steps", "50", "--spacing", "uniform"]),
+    ("ddim50", "the model, DDIM 50 steps", ["RUN", *_measure.DDIM_50_FLAGS]),
     (
         "dpmpp15",
         "the model, DPM-Solver++(2M) 15 steps, uniform spacing",
@@ -152,11 +152,11 @@ def table(result: dict) -> str:
             f"| {what} | {d['fd_dom']:.1f} | {accuracy} | {d['precision']:.3f} | {d['recall']:.3f} "
             f"| {_bpd(r.get('nll'), 'conditional')} | {_bpd(r.get('nll'), 'unconditional')} | {row['seconds']:.0f} |"
         )
-    ddim = result["rows"][NLL_ROW]
+    nll_row = result["rows"][NLL_ROW]
     lines += [
         "",
-        f"Bits/dim: the variational bound on {ddim['nll_n']:,} test images, one stratified KL term per block of "
-        f"{ddim['nll_stride']} steps, ± one standard error; -log p(x|y) gives each image its class, -log p(x) "
+        f"Bits/dim: the variational bound on {nll_row['nll_n']:,} test images, one stratified KL term per block of "
+        f"{nll_row['nll_stride']} steps, ± one standard error; -log p(x|y) gives each image its class, -log p(x) "
         "the null class (the unconditional model that label dropout trains). Samples: "
         f"`ddpmkit sample RUN --n {SAMPLE_PNG_N} --seed 0` -> {result['samples_png']}.",
         "",

@@ -454,18 +454,24 @@ SAMPLERS: dict[str, Callable] = {
     "euler-a": euler_ancestral,
     "unipc": unipc,
 }
+
+
 # network evaluations of n steps, where they are not n
-NFE = {"heun": lambda n: 2 * n - 1}
+def _heun_nfe(n: int, schedule=None, spacing: str = "uniform") -> int:
+    """2n - 1 on Karras et al.'s grid; given the schedule and spacing, the steps it visits are counted
+    (one evaluation for a step that enters the grid from above sigma_max, see `heun_corrects`)."""
+    if schedule is None:
+        return 2 * n - 1
+    steps = spaced_steps(schedule.T, n, spacing, schedule)
+    return n + sum(heun_corrects(schedule, t, s) for _, t, s in _pairs(steps))
+
+
+NFE = {"heun": _heun_nfe}  # samplers that evaluate the network other than once per step
 
 
 def nfe(name: str, n: int, schedule=None, spacing: str = "uniform") -> int:
-    """The number of network evaluations sampler `name` makes in n steps (guidance batches both branches).
-    Heun: 2n - 1 on Karras et al.'s grid; given the schedule and spacing, its steps are counted exactly
-    (one evaluation for a step that enters the grid from above sigma_max, see `heun_corrects`)."""
-    if name == "heun" and schedule is not None:
-        steps = spaced_steps(schedule.T, n, spacing, schedule)
-        return n + sum(heun_corrects(schedule, t, s) for _, t, s in _pairs(steps))
-    return NFE.get(name, lambda k: k)(n)
+    """The number of network evaluations sampler `name` makes in n steps (guidance batches both branches)."""
+    return NFE[name](n, schedule, spacing) if name in NFE else n
 
 
 COMMON_OPTIONS = ("y", "guidance", "generator", "callback")  # every sampler's keyword arguments
