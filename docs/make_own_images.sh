@@ -7,8 +7,9 @@ run="$1"
 data="$2"
 size="${3:-32}"
 grid="${4:-$run/grid.png}"
+# the grid and the model row use the run's default sampler (DPM-Solver++(2M), 10 steps, Karras sigmas)
 ddpmkit sample "$run" --n 72 --seed 0 --out "$grid"
-ddpmkit eval "$run" --n 1000 --nll-n 100 --nll-stride 10 --out "$run/eval-ddim50.json"
+ddpmkit eval "$run" --n 1000 --nll-n 100 --nll-stride 10 --out "$run/eval-default.json"
 ddpmkit eval --reference folder --data-dir "$data" --image-size "$size" --n 1000 --out "$run/eval-reference.json"
 ddpmkit eval --reference folder --data-dir "$data" --image-size "$size" --blur 1 --n 1000 \
     --out "$run/eval-reference-blur1.json"
