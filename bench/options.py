@@ -190,6 +190,7 @@ def row_parser(description: str, minutes: float, stem: str) -> argparse.Argument
     p.add_argument("--data-dir", help="where the dataset files are (else ddpmkit's usual places)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(HERE / "_work"), help="work directory (bench/_work)")
+    p.add_argument("--keep-runs", action="store_true", help="keep each row's run (OUT_DIR/STEM-DATE-PID/run-I)")
     p.add_argument("--results-dir", default=str(HERE / "results"), help=f"where {stem}-<date>.{{md,json}} go")
     return p
 
@@ -226,7 +227,8 @@ def run_rows(args, chosen: list[str], flags: dict, stem: str, argv, extra=None) 
     try:
         rows = [run_row(name, flags[name], args, work / f"run-{i}") for i, name in enumerate(chosen)]
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep_runs:
+            shutil.rmtree(work, ignore_errors=True)
     command = f"python bench/{stem}.py " + " ".join(sys.argv[1:] if argv is None else argv)
     return {**result, "command": command.strip(), "rows": rows}
 

@@ -121,6 +121,24 @@ def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
     assert "--set folder-32 needs --data-dir" in capsys.readouterr().err
 
 
+def test_row_runs_are_removed_unless_kept(tmp_path, monkeypatch):
+    options = _bench_module("options")
+    made = []
+
+    def fake_row(name, flags, args, run):  # stands in for training and scoring one row
+        run.mkdir()
+        made.append(run)
+        return {"name": name}
+
+    monkeypatch.setattr(options, "run_row", fake_row)
+    for keep in (False, True):
+        argv = ["--out-dir", str(tmp_path / str(keep)), *(["--keep-runs"] if keep else [])]
+        args, chosen = options.parse_rows(options.row_parser("x", 1.0, "recipe"), argv, ["a", "b"])
+        result = options.run_rows(args, chosen, {"a": [], "b": ["--lr", "1"]}, "recipe", argv)
+        assert [r["name"] for r in result["rows"]] == ["a", "b"]
+        assert all(run.is_dir() == keep for run in made[-2:])  # a --keep-runs run can be sampled afterwards
+
+
 def test_recipe_report_shows_minutes_and_flags_memory_over_4_gib():
     recipe = _bench_module("recipe")
     machine = {"cpu": "cpu", "cores": 2, "torch": "t", "load_average_at_start": 0.0}
