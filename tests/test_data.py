@@ -403,6 +403,22 @@ def test_transparency_becomes_white_and_16_bit_gray_scales(tmp_path):
     assert torch.all(folder.images == 255)
 
 
+def test_the_command_line_says_each_note_once_though_a_folder_is_read_twice(tmp_path, capsys):
+    from ddpmkit.cli import note_printer
+    from ddpmkit.notes import notes_to
+
+    for name in ("a", "b"):
+        for i in range(5):  # a class of 5 holds one image out
+            save_image(tmp_path / name / f"{i}.png")
+    (tmp_path / "README.md").write_text("about the images")
+    with notes_to(note_printer("eval")):
+        for split in ("train", "test"):  # as ddpmkit eval reads a folder
+            load_dataset("folder", split, data_dir=tmp_path, image_size=8)
+    lines = capsys.readouterr().err.splitlines()
+    note = f"ddpmkit eval: note: Ignored 1 file(s) without an image extension under {tmp_path}: README.md."
+    assert lines == [note]  # once, though both splits' scans skipped it
+
+
 def test_corrupt_and_non_image_files_are_skipped_and_reported(tmp_path):
     save_image(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")

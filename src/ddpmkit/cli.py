@@ -770,10 +770,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _print_note(command: str, message: str) -> None:
-    """A library note as one line on stderr; under torchrun only rank 0's (every rank makes the same)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"ddpmkit {command}: note: {message}", file=sys.stderr)
+def note_printer(command: str):
+    """A handler that prints each library note as one line on stderr, once per command (eval reads a
+    folder's train and test splits, and would say twice what it skipped); under torchrun only rank 0's
+    (every rank makes the same)."""
+    seen: set[str] = set()
+
+    def print_note(message: str) -> None:
+        if os.environ.get("RANK", "0") == "0" and message not in seen:
+            seen.add(message)
+            print(f"ddpmkit {command}: note: {message}", file=sys.stderr)
+
+    return print_note
 
 
 def _serve_parser(sub) -> None:
@@ -852,7 +860,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # `train --nproc N` runs itself again under torchrun
     try:
-        with notes_to(lambda message: _print_note(args.command, message)):
+        with notes_to(note_printer(args.command)):
             return COMMANDS[args.command](args)
     except DdpmkitError as e:
         print(f"ddpmkit {args.command}: error: {e}", file=sys.stderr)
