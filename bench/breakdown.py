@@ -3,13 +3,16 @@
     python bench/breakdown.py                          # default model, precision auto, this CPU
     python bench/breakdown.py --isa avx2 --precision fp32 --model lucidrains
                                                      # as on an AVX2-only CPU (see below)
+    python bench/breakdown.py --model diffusers --channels 3 --size 32   # colour, ~ diffusers
 
 `--isa avx2` runs the measurement in a process with ATEN_CPU_CAPABILITY=avx2 and
 ONEDNN_MAX_CPU_ISA=AVX2: PyTorch's kernels and oneDNN's convolutions then use AVX2 code only, and
 oneDNN reports no native bf16 (so precision "auto" resolves to fp32), as on an AVX2-only machine.
-`--model lucidrains` is the ddpmkit U-Net matched in parameters to lucidrains' Unet(32, (1, 2, 4))
-(bench/speed.py's matched row), `default` the model `ddpmkit train` builds. Writes
-bench/results/breakdown-<date>-<isa>-<model>-<precision>.{md,json}.
+`--model lucidrains` / `diffusers` is the ddpmkit U-Net matched in parameters to that reference at
+the input's shape (bench/speed.py's matched rows; the reference must be importable to count its
+parameters), `default` the model `ddpmkit train` builds for that shape. `--channels`/`--size` set
+the input (1x28x28, Fashion-MNIST's, by default). Writes
+bench/results/breakdown-<date>-<isa>-<model>-<precision>[-CxSxS].{md,json}.
 """
 
 from __future__ import annotations
@@ -56,17 +59,18 @@ def worker(spec: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from ddpmkit.core.precision import resolve_precision
-    from ddpmkit.run.build import ARCH_KEYS
-    from ddpmkit.run.config import ModelConfig
 
     _measure.set_threads(spec["threads"])
+    shape = tuple(spec.get("shape", speed.FASHION))
     if spec["model"] == "default":
-        model, conditional = {k: getattr(ModelConfig(), k) for k in ARCH_KEYS["unet"]}, True
+        model, conditional = speed.default_model(shape[1]), True
     else:
-        target = {"lucidrains": 2_607_681}[spec["model"]]
-        model, _ = speed.reference_matched(spec["model"], target)
+        import _refs
+
+        target = {"lucidrains": _refs.lucidrains_params, "diffusers": _refs.diffusers_params}[spec["model"]]
+        model, _ = speed.reference_matched(spec["model"], target(*shape), shape)
         conditional = False
-    work = speed.ddpmkit_workload(model, conditional, spec["precision"], FULL)
+    work = speed.ddpmkit_workload(model, conditional, spec["precision"], FULL, shape=shape)
     for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
         work.train_step()
         work.forward()
@@ -99,7 +103,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Where the time of a training and a sampling step goes.")
     p.add_argument("--isa", choices=sorted(ISA_ENV), default="native", help="native, or avx2 (emulated)")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (auto)")
-    p.add_argument("--model", choices=("default", "lucidrains"), default="default")
+    p.add_argument("--model", choices=("default", "lucidrains", "diffusers"), default="default")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels (1)")
+    p.add_argument("--size", type=int, default=28, help="image size (28)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps of each kind (5)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results-dir", default=str(HERE / "results"))
@@ -109,7 +115,20 @@ def main(argv=None) -> int:
         _measure.emit(worker(json.loads(args.worker)))
         return 0
     machine = _measure.machine(args.threads)
-    spec = {"model": args.model, "precision": args.precision, "steps": args.steps, "threads": args.threads}
+    if args.model != "default":
+        import _refs
+
+        ok, why = _refs.available(args.model)
+        if not ok:
+            p.error(why)
+    shape = (args.channels, args.size)
+    spec = {
+        "model": args.model,
+        "precision": args.precision,
+        "steps": args.steps,
+        "threads": args.threads,
+        "shape": list(shape),
+    }
     env = {**os.environ, **ISA_ENV[args.isa], "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
@@ -130,7 +149,8 @@ def main(argv=None) -> int:
         *([_measure.busy_warning(machine), ""] if _measure.busy_warning(machine) else []),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {args.threads} threads; "
         f"kernels: {result['capability']} (--isa {args.isa}); precision {args.precision} -> "
-        f"{result['precision']}. Model: {args.model} ({result['params'] / 1e6:.2f}M parameters), batch 64.",
+        f"{result['precision']}. Model: {args.model} ({result['params'] / 1e6:.2f}M parameters: "
+        f"{json.dumps(result['model'])}), batch 64 of {shape[0]}x{shape[1]}x{shape[1]}.",
         "",
     ]
     for name in ("train step", "sampling forward"):
@@ -140,7 +160,8 @@ def main(argv=None) -> int:
         lines += ["", "| top operators | share | calls per step |", "|---|---|---|"]
         lines += [f"| `{t['op']}` | {100 * t['share']:.1f}% | {t['calls']} |" for t in r["top"]]
         lines.append("")
-    stem = Path(args.results_dir) / f"breakdown-{date}-{args.isa}-{args.model}-{args.precision}"
+    suffix = "" if shape == (1, 28) else f"-{shape[0]}x{shape[1]}x{shape[1]}"
+    stem = Path(args.results_dir) / f"breakdown-{date}-{args.isa}-{args.model}-{args.precision}{suffix}"
     _measure.write_report(
         stem, {"date": date, "command": command.strip(), "machine": machine, **result}, "\n".join(lines)
     )

@@ -308,3 +308,23 @@ def test_headline_names_the_cpu_kind_and_labels_both_likelihoods():
     assert "bits/dim -log p(x\\|y) | bits/dim -log p(x) |" in text
     assert "| 3.49 ± 0.04 | 3.61 ± 0.05 | 600 |" in text
     assert "the default sampler (dpm++, 10 steps, karras spacing)" in text
+
+
+def test_breakdown_profiles_a_colour_default_model_and_names_its_shape(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "breakdown.py"), "--channels", "3", "--size", "16", "--steps", "1",
+         "--precision", "fp32", "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result_file,) = tmp_path.glob("breakdown-*-native-default-fp32-3x16x16.json")
+    result = json.loads(result_file.read_text())
+    speed = _bench_module("speed")
+    assert result["model"] == json.loads(json.dumps(speed.default_model(16)))
+    for name in ("train step", "sampling forward"):
+        assert result[name]["total_ms"] > 0
+        assert sum(result[name]["kinds"].values()) == pytest.approx(1.0)
+        assert "convolution" in result[name]["kinds"]
+    assert "batch 64 of 3x16x16" in result_file.with_suffix(".md").read_text()
