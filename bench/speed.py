@@ -467,6 +467,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--batch", type=int, help="images per step and per sampling batch (64)")
+    parser.add_argument(
+        "--references",
+        default="lucidrains,diffusers",
+        help="comma-separated references to measure, each with ddpmkit matched to it (lucidrains,diffusers)",
+    )
     parser.add_argument("--compile", action="store_true", help="add a row: the default model with --compile")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels (1)")
     parser.add_argument("--size", type=int, default=28, help="image size (28); a multiple of 4 for the references")
@@ -499,7 +504,10 @@ def main(argv=None) -> int:
     if args.batch:
         sizes = sizes._replace(batch=args.batch)
     references, skipped = [], {}
-    for ref in ("lucidrains", "diffusers"):
+    chosen = [r for r in args.references.split(",") if r]
+    if not chosen or set(chosen) - {"lucidrains", "diffusers"}:
+        parser.error(f"--references takes lucidrains and/or diffusers, got {args.references!r}")
+    for ref in chosen:
         ok, why = (False, "--skip-references") if args.skip_references else _refs.available(ref)
         if ok:
             references.append(ref)
@@ -524,6 +532,7 @@ def main(argv=None) -> int:
     out = Path(args.results_dir) if args.results_dir else HERE / ("_work" if args.quick else "results")
     suffix = "" if shape == FASHION else f"-{_shape_name(result)}"
     suffix += f"-{args.device.split(':')[0]}" if args.device != "cpu" else ""
+    suffix += "" if len(chosen) == 2 else f"-{chosen[0]}"
     stem = out / f"speed-{result['date']}{suffix}"
     _measure.write_report(stem, result, report)
     return 0
