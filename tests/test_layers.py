@@ -193,6 +193,23 @@ def test_full_attention_matches_the_softmax_formula():
     torch.testing.assert_close(attn(x), x + attn.proj_out(out), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_full_attention_runs_the_fused_cpu_kernel_not_the_math_path(grad):
+    """SDPA on transposed views (d not at stride 1) falls back to its math path (bmm, softmax),
+    3-7x slower on a CPU at 14x14 positions and above (bench/results/attention-*.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    attn = perturb(Attention2d(16, num_heads=2, kind="full", groups=2))
+    x = torch.randn(2, 16, 6, 6, requires_grad=grad)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.set_grad_enabled(grad):
+        out = attn(x)
+        if grad:
+            out.sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::bmm" not in ops and "aten::_softmax" not in ops
+
+
 def test_linear_attention_matches_the_formula():
     attn = perturb(Attention2d(8, num_heads=2, kind="linear", groups=2))
     x = torch.randn(2, 8, 4, 4)

@@ -174,8 +174,12 @@ class ResBlock(nn.Module):
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q^T k / sqrt(d)) v over positions; q, k, v and the result are [B, heads, d, N]."""
-    q, k, v = (z.transpose(-1, -2) for z in (q, k, v))
+    """softmax(q^T k / sqrt(d)) v over positions; q, k, v and the result are [B, heads, d, N].
+
+    SDPA takes [B, heads, N, d]. Made contiguous there, so that PyTorch's fused (flash) kernel may run:
+    it needs d at stride 1, and a transposed view sends SDPA to its unfused math path, which on a CPU
+    is 3-7x slower at 14x14 positions and above (bench/results/attention-*.md, bench/attention.py)."""
+    q, k, v = (z.transpose(-1, -2).contiguous() for z in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
 
 
