@@ -152,6 +152,7 @@ TRAIN_CASES = {
     ),
     "negative grad clip": (lambda c: train_argv(c, "--grad-clip", -1), "--grad-clip must be >= 0"),
     "label dropout 1": (lambda c: train_argv(c, "--label-dropout", 1), "--label-dropout must be in [0, 1)"),
+    "class balance 2": (lambda c: train_argv(c, "--class-balance", 2), "--class-balance must be in [0, 1]"),
     "keep zero": (lambda c: train_argv(c, "--keep", 0), "--keep must be >= 1"),
     "four levels at 28x28": (
         lambda c: train_argv(c, "--channel-mults", "1,2,2,2"),

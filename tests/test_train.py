@@ -10,7 +10,16 @@ from ddpmkit.data import DatasetInfo, ImageData, to_model_range
 from ddpmkit.run import build, checkpoint
 from ddpmkit.run.config import RunConfig, apply_overrides
 from ddpmkit.train import trainer as trainer_module
-from ddpmkit.train.trainer import Trainer, batch_indices, batch_noise, batch_randomness, ema_update, hflip, lr_at
+from ddpmkit.train.trainer import (
+    Trainer,
+    batch_indices,
+    batch_noise,
+    batch_randomness,
+    class_balance_weights,
+    ema_update,
+    hflip,
+    lr_at,
+)
 
 
 def tiny_config(**train):
@@ -201,6 +210,70 @@ def test_hflip_runs_resume_bit_identically(tmp_path, monkeypatch):
     Trainer(config, tmp_path / "straight", data).fit(4, progress=False)
     Trainer(config, tmp_path / "resumed", data).fit(2, progress=False)
     again = Trainer(checkpoint.load_config(tmp_path / "resumed"), tmp_path / "resumed", data)
+    again.resume()
+    again.fit(4, progress=False)
+    weights = [checkpoint.latest_checkpoint(tmp_path / name) / "model.safetensors" for name in ("straight", "resumed")]
+    assert weights[0].read_bytes() == weights[1].read_bytes()
+
+
+# ---- class-balanced draws (--class-balance) -------------------------------------------------------
+
+
+def skewed_labels(n_big=90, n_small=10):
+    return torch.cat([torch.zeros(n_big, dtype=torch.long), torch.ones(n_small, dtype=torch.long)])
+
+
+@pytest.mark.parametrize("balance, share", [(1.0, 0.5), (0.5, 10**0.5 / (10**0.5 + 90**0.5))])
+def test_class_balance_draws_class_c_with_probability_n_c_to_the_1_minus_b(balance, share):
+    labels = skewed_labels()
+    weights = class_balance_weights(labels, balance)
+    drawn = torch.cat([batch_indices(0, step, 100, 10, weights) for step in range(400)])  # 40 epochs
+    small = float((labels[drawn] == 1).float().mean())
+    assert small == pytest.approx(share, abs=0.03)  # 0.1 without balancing
+    assert torch.equal(batch_indices(0, 7, 100, 10, weights), batch_indices(0, 7, 100, 10, weights))
+    assert not torch.equal(batch_indices(0, 7, 100, 10, weights), batch_indices(1, 7, 100, 10, weights))
+
+
+def test_class_balance_0_or_one_class_keeps_the_plain_epochs():
+    assert class_balance_weights(skewed_labels(), 0.0) is None
+    assert class_balance_weights(torch.full((50,), -1), 1.0) is None  # unlabelled: nothing to balance
+    assert class_balance_weights(skewed_labels(), 1.0) is not None
+
+
+def test_the_trainer_draws_its_batches_by_class_balance(tmp_path):
+    config, data = tiny_config(batch_size=8), asymmetric_data()
+    data = ImageData(data.images, (torch.arange(16) >= 13).long(), data.info)  # 13 of class 0, 3 of class 1
+    config.data.class_balance = 1.0
+    trainer = Trainer(config, tmp_path, data, "cpu")
+    seen, loss = [], trainer.loss
+
+    class Recording:  # the loss, recording the labels it is given
+        draw = loss.draw
+
+        def __call__(self, denoiser, x0, y, noise):
+            seen.append(y.clone())
+            return loss(denoiser, x0, y, noise)
+
+    trainer.loss = Recording()
+    for step in range(6):
+        trainer.train_step()
+        expected = data.labels[batch_indices(config.train.seed, step, 16, 8, trainer.weights)]
+        assert torch.equal(seen[step][seen[step] >= 0], expected[seen[step] >= 0])  # (label dropout: -1)
+        trainer.step += 1
+    drawn = torch.cat([data.labels[batch_indices(0, s, 16, 8, trainer.weights)] for s in range(200)])
+    assert float(drawn.float().mean()) == pytest.approx(0.5, abs=0.05)  # 3/16 of the data, half the draws
+
+
+def test_class_balanced_runs_resume_bit_identically(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module.viz, "loss_curve", lambda metrics, path: None)  # matplotlib: slow
+    config, data = tiny_config(batch_size=8, checkpoint_every=2), asymmetric_data()
+    config.data.class_balance = 0.7
+    for name in ("straight", "resumed"):
+        checkpoint.create_run(tmp_path / name, config)
+    Trainer(config, tmp_path / "straight", data).fit(4, progress=False)
+    Trainer(config, tmp_path / "resumed", data).fit(2, progress=False)
+    again = Trainer(checkpoint.load_config(tmp_path / "resumed"), tmp_path / "resumed", data)
+    assert again.config.data.class_balance == 0.7  # saved with the run
     again.resume()
     again.fit(4, progress=False)
     weights = [checkpoint.latest_checkpoint(tmp_path / name) / "model.safetensors" for name in ("straight", "resumed")]

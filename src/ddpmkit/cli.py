@@ -139,6 +139,13 @@ TRAIN_FLAGS = [
     ),
     ("--grad-accum", "train.grad_accum", int, "micro-batches accumulated per optimizer step (1)"),
     ("--workers", "data.workers", int, "DataLoader processes decoding images when streaming (min(4, CPUs))"),
+    (
+        "--class-balance",
+        "data.class_balance",
+        float,
+        "draw class c with probability ~ n_c^(1 - B) in training: 0 as the data falls, 1 every class "
+        "equally often, small classes' images repeated (0)",
+    ),
     ("--optimizer", "train.optimizer", str, f"{either(OPTIMIZERS)} (adamw)"),
     ("--lr", "train.lr", float, "peak learning rate (1e-3 at every image size so far)"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay (0)"),

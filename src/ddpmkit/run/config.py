@@ -86,6 +86,8 @@ class DataConfig:
     fit: str = "crop"  # folder images of another shape: "crop" (shorter side, centre crop) or "pad" (letterbox)
     background: tuple[int, ...] = (255, 255, 255)  # folder images: the colour under transparent pixels and pad's bars
     hflip: bool = False  # random horizontal flips in training (Ho et al. on CIFAR-10); off where flips change meaning
+    # how often training draws each class: p(c) ~ n_c^(1 - class_balance); 0 = as the data falls, 1 = uniform
+    class_balance: float = 0.0
 
 
 @dataclass
@@ -373,6 +375,7 @@ def validate(config: RunConfig) -> None:
             f"--train-on-all is for --dataset folder; {data.dataset} has a test split of its own",
         ),
         (0.0 <= data.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {data.label_dropout}"),
+        (0.0 <= data.class_balance <= 1.0, f"--class-balance must be in [0, 1], got {data.class_balance}"),
         (t.steps is None or t.steps >= 1, f"--steps must be >= 1, got {t.steps}"),
         (t.epochs is None or 0 < t.epochs < math.inf, f"--epochs must be a finite number > 0, got {t.epochs}"),
         (t.minutes is None or t.minutes > 0, f"--minutes must be > 0, got {t.minutes}"),

@@ -91,19 +91,40 @@ def hflip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return torch.where(flips[:, None, None, None], x.flip(-1), x)
 
 
-def batch_indices(seed: int, step: int, n_data: int, global_batch: int) -> torch.Tensor:
-    """Indices of the global batch of optimizer step `step` (epochs are seeded permutations)."""
+def batch_indices(
+    seed: int, step: int, n_data: int, global_batch: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices of the global batch of optimizer step `step`. Epochs are seeded permutations; with
+    per-image `weights` (class_balance_weights), n_data seeded draws with replacement instead."""
     per_epoch = n_data // global_batch
     if per_epoch == 0:
         raise DdpmkitError(f"the dataset has {n_data} images, fewer than one global batch of {global_batch}")
     epoch, k = divmod(step, per_epoch)
-    return _epoch_permutation(seed, epoch, n_data)[k * global_batch : (k + 1) * global_batch]
+    order = _epoch_permutation(seed, epoch, n_data) if weights is None else _epoch_draw(seed, epoch, weights)
+    return order[k * global_batch : (k + 1) * global_batch]
 
 
 @functools.lru_cache(maxsize=2)
 def _epoch_permutation(seed: int, epoch: int, n_data: int) -> torch.Tensor:
     """The data order of one epoch (cached: a million-image permutation is not free every step)."""
     return torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_draw(seed: int, epoch: int, weights: torch.Tensor) -> torch.Tensor:
+    """One epoch of len(weights) images drawn with replacement, image i with probability ~ weights[i]
+    (cached by the weights tensor's identity: the trainer keeps one)."""
+    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.multinomial(weights, len(weights), replacement=True, generator=generator)
+
+
+def class_balance_weights(labels: torch.Tensor, balance: float) -> torch.Tensor | None:
+    """Per-image sampling weights w_i = n_c(i)^-balance, so that class c is drawn with probability
+    ~ n_c^(1 - balance): 0 = as the data falls (None: plain permutations), 1 = every class equally."""
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if balance == 0 or len(counts) < 2:  # nothing to balance (unlabelled data is one class, -1)
+        return None
+    return counts.double().pow(-balance)[inverse]  # w_i = n_c(i)^-B
 
 
 def total_steps(config: RunConfig, n_data: int, world_size: int) -> int | None:
@@ -175,6 +196,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=resolve_precision(config.train.precision, self.device) == "fp16"
         )
+        labels = data.labels if isinstance(data, ImageData) else torch.tensor(data.labels, dtype=torch.long)
+        self.weights = class_balance_weights(labels, config.data.class_balance)  # None: plain epochs
         self.stream = None if isinstance(data, ImageData) else self._stream(data)
         self.step, self.metrics, self.nan_skipped = 0, [], 0
         self.planned_steps: int | None = None  # where the lr schedule ends (fit sets it)
@@ -195,7 +218,7 @@ class Trainer:
         t = self.config.train
         return Stream(
             dataset,
-            lambda step: batch_indices(t.seed, step, len(dataset), self.global_batch),
+            lambda step: batch_indices(t.seed, step, len(dataset), self.global_batch, self.weights),
             t.batch_size,
             t.grad_accum,
             self.dist,
@@ -315,7 +338,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (a tensor)."""
         cfg, dist = self.config.train, self.dist
         micro, accum = cfg.batch_size, cfg.grad_accum
-        idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch)
+        idx = batch_indices(cfg.seed, self.step, len(self.data), self.global_batch, self.weights)
         noise, flips = self.randomness_now()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_now()
