@@ -1,6 +1,6 @@
 """Every figure of the README's headline ("What 15 CPU minutes give") from one command, at the defaults.
 
-    python bench/headline.py                      # -> bench/results/headline-<date>.{md,json} and -samples.png
+    python bench/headline.py                      # -> bench/results/headline-<date>[-<cpu kind>].{md,json}, -samples.png
     python bench/headline.py --minutes 0.05 --n 20 --nll-n 2 --nll-stride 200 \\
         --data-dir DIR --results-dir bench/_work   # a smoke run of the harness (seconds), not a measurement
 
@@ -46,6 +46,11 @@ def cpu_kind(flags: set[str]) -> str:
     if "avx512f" in flags:
         return "AVX-512 (no bf16)"
     return "AVX2" if "avx2" in flags else "no AVX2"
+
+
+def _slug(kind: str) -> str:
+    """"AVX-512 (no bf16)" -> "avx-512-no-bf16": a CPU kind as part of a file name."""
+    return "-".join("".join(c if c.isalnum() else " " for c in kind.lower()).split())
 
 
 def cpu_flags() -> set[str]:
@@ -184,7 +189,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     results.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
-    stem = results / f"headline-{date}"
+    kind = cpu_kind(cpu_flags())  # in the name: reports of each CPU kind are kept side by side
+    stem = results / f"headline-{date}" if kind == "AVX-512 BF16" else results / f"headline-{date}-{_slug(kind)}"
     run, cli = work / "run", [sys.executable, "-m", "ddpmkit"]
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     result = {

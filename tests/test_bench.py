@@ -284,6 +284,7 @@ def test_headline_names_the_cpu_kind_and_labels_both_likelihoods():
     assert headline.cpu_kind({"avx2", "amx_bf16"}) == "AVX-512 BF16"
     assert headline.cpu_kind({"avx2", "avx512f"}) == "AVX-512 (no bf16)"
     assert headline.cpu_kind({"avx2"}) == "AVX2" and headline.cpu_kind(set()) == "no AVX2"
+    assert headline._slug("AVX-512 (no bf16)") == "avx-512-no-bf16" and headline._slug("AVX2") == "avx2"
     domain = {"fd_dom": 24.8, "conditional_accuracy": 0.868, "precision": 0.836, "recall": 0.72}
     nll = {
         "conditional": {"quantity": "-log p(x|y)", "bpd": 3.49, "bpd_sem": 0.04},
