@@ -76,6 +76,8 @@ FOLDER_32_ROWS = {
     "--ema-decay 0.9995": ["--ema-decay", "0.9995"],
     "--min-snr-gamma off (L_simple)": ["--min-snr-gamma", "off"],
     "--hflip (random flips on; off by default for a folder: they mirror text and flags)": ["--hflip"],
+    "--class-balance 0.5 (small classes drawn more often)": ["--class-balance", "0.5"],
+    "--class-balance 1 (every class equally often)": ["--class-balance", "1"],
 }
 FOLDER_64_ROWS = {
     "default (whatever `ddpmkit train` derives for this folder at 64x64)": [],
