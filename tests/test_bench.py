@@ -329,3 +329,10 @@ def test_breakdown_profiles_a_colour_default_model_and_names_its_shape(tmp_path)
         assert sum(result[name]["kinds"].values()) == pytest.approx(1.0)
         assert "convolution" in result[name]["kinds"]
     assert "batch 64 of 3x16x16" in result_file.with_suffix(".md").read_text()
+
+
+def test_speed_refuses_an_unknown_reference(speed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        speed.main(["--quick", "--references", "lucidrains,k-diffusion"])
+    assert exit_info.value.code == 2
+    assert "--references takes lucidrains and/or diffusers" in capsys.readouterr().err
