@@ -194,6 +194,9 @@ def conv_peak(threads: int, seconds: float = 2.0, device: str = "cpu") -> dict:
 
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+# --isa: a worker's environment. avx2 limits PyTorch's kernels (ATEN_CPU_CAPABILITY) and oneDNN's
+# (ONEDNN_MAX_CPU_ISA) to AVX2 code, as an AVX2-only CPU runs them (and "auto" precision becomes fp32)
+ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
 def gpu(device: str) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "native": {}}
+ISA_ENV = _measure.ISA_ENV
 # (what has attention there, channels, heads, side): N = side^2 positions, d = channels / heads
 SHAPES = [
     ("default model at 28x28 and 32x32: lowest level", 64, 4, 7),
@@ -141,14 +141,24 @@ def main(argv=None) -> int:
     env = {**os.environ, **ISA_ENV[args.isa], "OMP_NUM_THREADS": str(args.threads)}
     probe = subprocess.run(  # bf16 only where the worker's kernels compute it natively
         [sys.executable, "-c", "from ddpmkit.core.precision import native_cpu_bf16; print(native_cpu_bf16())"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     dtypes = ["float32"] + (["bfloat16"] if probe.stdout.strip() == "True" else [])
-    spec = {"threads": args.threads, "batch": args.batch, "seconds": args.seconds, "windows": args.windows,
-            "dtypes": dtypes}
+    spec = {
+        "threads": args.threads,
+        "batch": args.batch,
+        "seconds": args.seconds,
+        "windows": args.windows,
+        "dtypes": dtypes,
+    }
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)

@@ -31,7 +31,7 @@ import torch
 from _measure import FULL
 
 HERE = Path(__file__).resolve().parent
-ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "native": {}}
+ISA_ENV = _measure.ISA_ENV
 # operator name fragments -> the kind reported (first match wins)
 KINDS = [
     ("convolution", ("conv", "mkldnn_convolution")),

@@ -1,6 +1,6 @@
 """Every figure of the README's headline ("What 15 CPU minutes give") from one command, at the defaults.
 
-    python bench/headline.py                      # -> bench/results/headline-<date>[-<cpu kind>].{md,json}, -samples.png
+    python bench/headline.py                      # -> bench/results/headline-<date>[-<kind>].{md,json}, -samples.png
     python bench/headline.py --minutes 0.05 --n 20 --nll-n 2 --nll-stride 200 \\
         --data-dir DIR --results-dir bench/_work   # a smoke run of the harness (seconds), not a measurement
 
@@ -49,7 +49,7 @@ def cpu_kind(flags: set[str]) -> str:
 
 
 def _slug(kind: str) -> str:
-    """"AVX-512 (no bf16)" -> "avx-512-no-bf16": a CPU kind as part of a file name."""
+    """ "AVX-512 (no bf16)" -> "avx-512-no-bf16": a CPU kind as part of a file name."""
     return "-".join("".join(c if c.isalnum() else " " for c in kind.lower()).split())
 
 

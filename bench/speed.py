@@ -29,7 +29,7 @@ import torch
 from _measure import FULL, QUICK, Sizes, Workload
 
 HERE = Path(__file__).resolve().parent
-ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+ISA_ENV = _measure.ISA_ENV
 TOLERANCE = 0.05  # matched parameter counts: |ours / reference - 1| <= 5%
 REFERENCES = {  # the reference's width multipliers and the levels (0 = full size) where it has full attention
     "lucidrains": {"channel_mults": (1, 2, 4), "attn_levels": (2,)},  # 7x7 at 28, 8x8 at 32, 16x16 at 64

@@ -27,7 +27,7 @@ import torch
 from _measure import FULL
 
 HERE = Path(__file__).resolve().parent
-ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "native": {}}
+ISA_ENV = _measure.ISA_ENV
 VARIANTS = {  # row -> what changes
     "default": "the defaults (fused AdamW)",
     "foreach": "foreach AdamW instead of fused",

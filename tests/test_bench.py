@@ -313,8 +313,20 @@ def test_headline_names_the_cpu_kind_and_labels_both_likelihoods():
 
 def test_breakdown_profiles_a_colour_default_model_and_names_its_shape(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "breakdown.py"), "--channels", "3", "--size", "16", "--steps", "1",
-         "--precision", "fp32", "--results-dir", str(tmp_path)],
+        [
+            sys.executable,
+            str(BENCH / "breakdown.py"),
+            "--channels",
+            "3",
+            "--size",
+            "16",
+            "--steps",
+            "1",
+            "--precision",
+            "fp32",
+            "--results-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
