@@ -487,6 +487,9 @@ def main(argv=None) -> int:
     if args.worker:
         _measure.emit(worker(json.loads(args.worker)))
         return 0
+    chosen = [r for r in args.references.split(",") if r]
+    if not chosen or set(chosen) - {"lucidrains", "diffusers"}:
+        parser.error(f"--references takes lucidrains and/or diffusers, got {args.references!r}")
     machine = _measure.machine(args.threads)  # first: the load average before we add to it
     os.environ.update(ISA_ENV[args.isa])  # the rows' processes inherit it
     machine["isa_limit"] = ISA_ENV[args.isa]
@@ -504,9 +507,6 @@ def main(argv=None) -> int:
     if args.batch:
         sizes = sizes._replace(batch=args.batch)
     references, skipped = [], {}
-    chosen = [r for r in args.references.split(",") if r]
-    if not chosen or set(chosen) - {"lucidrains", "diffusers"}:
-        parser.error(f"--references takes lucidrains and/or diffusers, got {args.references!r}")
     for ref in chosen:
         ok, why = (False, "--skip-references") if args.skip_references else _refs.available(ref)
         if ok:
