@@ -27,6 +27,8 @@ import _measure
 import torch
 import torch.nn.functional as F
 
+from ddpmkit.models.layers import full_attention
+
 HERE = Path(__file__).resolve().parent
 ISA_ENV = _measure.ISA_ENV
 # (what has attention there, channels, heads, side): N = side^2 positions, d = channels / heads
@@ -40,18 +42,13 @@ SHAPES = [
 ]
 
 
-def layouts(channels: int, heads: int, side: int):
-    """q, k, v as [B, heads, d, N] (the convolution's layout) and the two ways to call SDPA on them."""
+def view(q, k, v):
+    """SDPA on transposed views of [B, heads, d, N]: the math path (ddpmkit before the change)."""
+    q, k, v = (z.transpose(-1, -2) for z in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
 
-    def view(q, k, v):  # transposed views: the math path
-        q, k, v = (z.transpose(-1, -2) for z in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
 
-    def contiguous(q, k, v):  # what models.layers.full_attention does
-        q, k, v = (z.transpose(-1, -2).contiguous() for z in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
-
-    return {"view": view, "contiguous": contiguous}
+LAYOUTS = {"view": view, "contiguous": full_attention}  # the second: what Attention2d runs now
 
 
 def time_ms(fn, seconds: float, windows: int) -> float:
@@ -75,9 +72,8 @@ def worker(spec: dict) -> dict:
         qkv = torch.randn(spec["batch"], 3, heads, channels // heads, side * side)
         for dtype in spec["dtypes"]:
             row = {"what": what, "channels": channels, "heads": heads, "side": side, "dtype": dtype}
-            fns = layouts(channels, heads, side)
             ref = None
-            for name, attend in fns.items():
+            for name, attend in LAYOUTS.items():
                 x = qkv.to(getattr(torch, dtype))
                 out = attend(*x.unbind(1))
                 ref = out if ref is None else ref
