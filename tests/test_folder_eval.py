@@ -146,6 +146,8 @@ def test_balanced_accuracy_counts_every_class_the_same():
     pred = torch.zeros(10, dtype=torch.long)  # always the majority class
     assert domain.accuracy(pred, labels) == pytest.approx(0.8)
     assert domain.balanced_accuracy(pred, labels) == pytest.approx(1 / 3)
+    assert domain.class_accuracies(pred, labels) == {0: 1.0, 1: 0.0, 2: 0.0}
+    assert domain.class_accuracies(torch.tensor([2, 1, 1]), torch.tensor([2, 1, 2])) == {1: 1.0, 2: 0.5}
 
 
 def test_class_weights_make_every_class_weigh_the_same():
@@ -177,6 +179,7 @@ def test_eval_scores_a_folder_run_and_its_reference_rows(folder, tmp_path, monke
     assert main(["eval", str(run), *common, "--steps", "2", "--nll-n", "2", "--nll-stride", "10"]) == 0
     out = capsys.readouterr().out
     assert "domain classifier_test_balanced_accuracy" in out and "domain conditional_balanced_accuracy" in out
+    assert "domain conditional_accuracy_per_class" in out
     (report_file,) = run.glob("eval-*.json")
     results = json.loads(report_file.read_text())["results"]
     classifier = results["classifier"]

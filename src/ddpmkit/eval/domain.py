@@ -188,6 +188,7 @@ class DomainMetrics:
             "fd_dom": frechet_distance(*feature_stats(feats), self.ref_mu, self.ref_sigma),
             "conditional_accuracy": None if labels is None else accuracy(pred, labels.cpu()),
             "conditional_balanced_accuracy": None if labels is None else balanced_accuracy(pred, labels.cpu()),
+            "conditional_accuracy_per_class": None if labels is None else class_accuracies(pred, labels.cpu()),
             "class_entropy": entropy,
             "class_entropy_max": math.log(logits.shape[1]),
             "precision": precision,
@@ -207,6 +208,12 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     """The mean over the classes present in `labels` of each class's accuracy (its recall): on
     unbalanced classes, what plain accuracy would be if every class counted the same."""
     return sum(accuracy(pred[labels == c], c) for c in labels.unique().tolist()) / len(labels.unique())
+
+
+def class_accuracies(pred: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Each class's accuracy (its recall) among the images labelled with it: {class: accuracy} for
+    the classes present, so that a class the model cannot draw shows even when the others hide it."""
+    return {c: accuracy(pred[labels == c], c) for c in labels.unique().tolist()}
 
 
 def _train_and_cache(train: ImageData, test: ImageData, paths: dict, progress: bool, device) -> DomainMetrics:

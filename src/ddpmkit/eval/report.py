@@ -290,4 +290,6 @@ def metrics_table(report: dict) -> str:
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, dict):  # per class
+        return ", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in value.items())
     return f"{value:.4f}" if isinstance(value, float) else str(value)
