@@ -132,6 +132,8 @@ def measure(run_dir: Path, todo: list[dict], args) -> list[dict]:
                 "precision_knn": domain.get("precision"),
                 "recall": domain.get("recall"),
                 "conditional_accuracy": domain.get("conditional_accuracy"),
+                "conditional_balanced_accuracy": domain.get("conditional_balanced_accuracy"),
+                "conditional_accuracy_per_class": domain.get("conditional_accuracy_per_class"),
                 "sampling_s": sampling_s,
                 "s_per_1000": sampling_s * 1000 / args.n,
                 "scoring_s": scoring_s,

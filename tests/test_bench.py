@@ -251,6 +251,48 @@ def test_sampler_benchmark_smoke_run_matches_ddpmkit_eval(tiny_mnist, tmp_path, 
     assert scored["fd_dom"] == pytest.approx(row["fd_dom"], rel=1e-6) and scored["recall"] == row["recall"]
 
 
+def test_guidance_benchmark_scores_each_weight_like_ddpmkit_eval(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """Two guidance weights on a 20-step toy run, 16 samples: one row per weight at the run's own
+    sampler, the floor row, and a row's FD_dom equal to what its recorded `ddpmkit eval` reports."""
+    from conftest import FAST, TINY_MODEL
+
+    from ddpmkit.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train = ["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY_MODEL, *FAST, "--steps", "20"]
+    assert main([*train, "--precision", "fp32", "--sample-steps", "3", "--out", str(run)]) == 0
+    bench = _bench_module("guidance")
+    argv = [str(run), "--weights", "1,3", "--n", "16", "--threads", "1", "--results-dir", str(tmp_path / "r")]
+    assert bench.main(argv) == 0
+    (stem,) = {p.with_suffix("") for p in (tmp_path / "r").iterdir()}
+    assert stem.name.endswith("-run")
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["guidance"] for r in result["rows"]] == [1.0, 3.0]
+    assert result["sampling"]["steps"] == 3  # the run's own sampler settings
+    assert result["rows"][0]["fd_dom"] != result["rows"][1]["fd_dom"]  # guidance changes the samples
+    table = stem.with_suffix(".md").read_text()
+    assert "| 3 |" in table and "real training images (floor)" in table
+    capsys.readouterr()
+    row = result["rows"][1]
+    assert "--guidance 3" in row["command"]
+    assert main(row["command"].split()[1:] + ["--no-progress", "--out", str(tmp_path / "e.json")]) == 0
+    scored = json.loads((tmp_path / "e.json").read_text())["results"]["domain"]
+    assert scored["fd_dom"] == pytest.approx(row["fd_dom"], rel=1e-6)
+
+
+def test_guidance_benchmark_rejects_an_unconditional_run_in_one_line(tmp_path, capsys):
+    from ddpmkit.run import checkpoint
+
+    run = tmp_path / "run"
+    config = RunConfig()
+    config.data.conditional = False
+    checkpoint.create_run(run, config)
+    assert _bench_module("guidance").main([str(run), "--results-dir", str(tmp_path / "r")]) == 2
+    assert "is unconditional" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_distill_baselines_parse_and_the_report_compares_with_the_first():
     bench = _bench_module("distill")
     assert bench.parse_baselines("ddim:50, dpm++:10:uniform,") == [("ddim", 50, None), ("dpm++", 10, "uniform")]
