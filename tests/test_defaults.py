@@ -10,11 +10,13 @@ from ddpmkit.cli import main
 from ddpmkit.models import build_model, count_parameters
 from ddpmkit.run import build, checkpoint
 from ddpmkit.run.config import (
+    DEFAULT_GUIDANCE,
     RunConfig,
     apply_overrides,
     default_attn_resolutions,
     default_batch_size,
     default_channel_mults,
+    from_dict,
     resolve,
 )
 from ddpmkit.train import trainer as trainer_module
@@ -63,6 +65,18 @@ def test_a_value_the_user_set_is_kept_and_the_rest_follows_it():
     none = resolve(apply_overrides(RunConfig(), {"model": {"attn_resolutions": ()}}))
     assert none.model.attn_resolutions == () and none.model.channel_mults == (1, 2, 2)
     assert resolve(resolve(RunConfig())) == resolve(RunConfig())
+
+
+def test_default_guidance_follows_whether_the_run_can_be_guided():
+    assert resolve(RunConfig()).sample.guidance == DEFAULT_GUIDANCE == 1.25  # bench/guidance.py's choice
+    unconditional = apply_overrides(RunConfig(), {"data": {"conditional": False}})
+    no_null_class = apply_overrides(RunConfig(), {"data": {"label_dropout": 0.0}})
+    assert resolve(unconditional).sample.guidance == resolve(no_null_class).sample.guidance == 1.0
+    given = resolve(apply_overrides(RunConfig(), {"sample": {"guidance": 1.0}}))
+    assert given.sample.guidance == 1.0  # a value set is kept
+    # a run saved before the default existed states its guidance and keeps it; one without the field derives it
+    assert resolve(from_dict(RunConfig, {"sample": {"guidance": 1.0}})).sample.guidance == 1.0
+    assert resolve(from_dict(RunConfig, {"sample": {}})).sample.guidance == DEFAULT_GUIDANCE
 
 
 # ---- through the command line -------------------------------------------------------------------

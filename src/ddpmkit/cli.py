@@ -27,6 +27,7 @@ from ddpmkit.notes import notes_to
 from ddpmkit.run import checkpoint
 from ddpmkit.run.config import (
     DDPM_VARIANCES,
+    DEFAULT_GUIDANCE,
     DEFAULT_SAMPLING,
     LR_SCHEDULES,
     ON_NAN,
@@ -193,7 +194,7 @@ DISTILL_FLAGS = [
         "distill.guidance",
         float,
         "the teacher's classifier-free guidance weight W, folded into the student, which then samples "
-        "with guidance 1 (the teacher run's default, usually 1)",
+        "with guidance 1 (1: the unguided teacher, even where the teacher run samples with more)",
     ),
     ("--batch-size", "train.batch_size", int, "images per optimizer step (64)"),
     ("--lr", "train.lr", float, "learning rate at the start of each round, falling linearly to 0 (2e-4)"),
@@ -344,7 +345,12 @@ def _sampler_flags(p) -> None:
     p.add_argument("--spacing", help=f"{either(SPACINGS)} (the run's default)")
     for name, (kind, text) in SAMPLER_OPTION_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight W (1 = plain conditional)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help=f"classifier-free guidance weight W (1 = plain conditional; the run's default: {DEFAULT_GUIDANCE:g} "
+        "for a class-conditional run trained with label dropout, else 1)",
+    )
     p.add_argument(
         "--precision",
         help=f"the network's precision while sampling: {either(PRECISIONS)} "

@@ -105,7 +105,7 @@ def generate(
             x_T[sl].to(device),
             steps,
             y=y,
-            guidance=settings.guidance,
+            guidance=1.0 if settings.guidance is None else settings.guidance,  # None: not resolved for a run
             generator=g,
             callback=callback,
             **options,
