@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -229,7 +230,7 @@ CASES = {
         "NaN is not a finite number",
     ),
     "Infinity guidance": (
-        config_text(lambda text: text.replace('"guidance": 1.0', '"guidance": -Infinity')),
+        config_text(lambda text: re.sub(r'"guidance": [0-9.]+', '"guidance": -Infinity', text, count=1)),
         "-Infinity is not a finite number",
     ),
     "1e999 dropout": (
