@@ -419,6 +419,18 @@ def test_the_command_line_says_each_note_once_though_a_folder_is_read_twice(tmp_
     assert lines == [note]  # once, though both splits' scans skipped it
 
 
+def test_the_library_says_each_note_once_per_process_when_no_one_collects_them(tmp_path, capsys, monkeypatch):
+    from ddpmkit import notes
+
+    monkeypatch.setattr(notes, "_said", set())
+    save_image(tmp_path / "a" / "0.png")
+    (tmp_path / "README.md").write_text("about the images")
+    for _ in range(3):  # as a bench script scoring several rows reloads the folder
+        load_dataset("folder", data_dir=tmp_path, image_size=8)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"ddpmkit: note: Ignored 1 file(s) without an image extension under {tmp_path}: README.md."]
+
+
 def test_corrupt_and_non_image_files_are_skipped_and_reported(tmp_path):
     save_image(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")

@@ -11,9 +11,14 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
+_said: set[str] = set()
+
 
 def _to_stderr(message: str) -> None:
-    print(f"ddpmkit: note: {message}", file=sys.stderr)
+    """Each note once per process: a script that loads the same folder ten times hears it once."""
+    if message not in _said:
+        _said.add(message)
+        print(f"ddpmkit: note: {message}", file=sys.stderr)
 
 
 _handler: Callable[[str], None] = _to_stderr
