@@ -33,14 +33,13 @@ def own_row(config) -> dict:
     from ddpmkit.run.build import schedule as schedule_of
 
     s = config.sample
-    steps = s.steps
     return {
         "row": "the run's default",
         "sampler": s.sampler,
         "spacing": s.spacing,
         "options": {},
-        "nfe": nfe(s.sampler, steps, schedule_of(config), s.spacing),
-        "steps": steps,
+        "nfe": nfe(s.sampler, s.steps, schedule_of(config), s.spacing),
+        "steps": s.steps,
     }
 
 
@@ -145,10 +144,8 @@ def main(argv=None) -> int:
             if not todo:
                 raise DdpmkitError(f"--row {args.row} cannot make {args.nfe} NFE: {skipped[0]['why']}")
             row = todo[0]
-        rows = []
-        for w in weights:
-            args.guidance = w
-            rows += samplers.measure(run_dir, [row], args)
+        args.guidance = None  # each row carries its own: one model, one judge, one warm-up for every weight
+        rows = samplers.measure(run_dir, [{**row, "guidance": w} for w in weights], args)
         ref = floor(config, args.n, args.seed)
     except DdpmkitError as e:
         print(f"bench/guidance.py: error: {e}", file=sys.stderr)

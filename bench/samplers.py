@@ -93,12 +93,13 @@ def measure(run_dir: Path, todo: list[dict], args) -> list[dict]:
     from ddpmkit.run.sampling import check_guidance, generate
 
     config, denoiser = load_denoiser(run_dir, args.device, "ema")
-    guidance = config.sample.guidance if args.guidance is None else args.guidance
-    check_guidance(config, guidance)
+    default = config.sample.guidance if args.guidance is None else args.guidance
+    for guidance in {row.get("guidance", default) for row in todo}:  # a row may carry its own (bench/guidance.py)
+        check_guidance(config, guidance)
     labels = eval_labels(config, args.n)  # as `ddpmkit eval` draws them: in the training split's proportions
     shape = (config.in_channels, config.image_size, config.image_size)
     data = dataset_of(config)
-    base = dataclasses.replace(config.sample, guidance=guidance)
+    base = config.sample
 
     def sample(settings, n: int) -> torch.Tensor:
         y = None if labels is None else labels[:n]
@@ -113,9 +114,9 @@ def measure(run_dir: Path, todo: list[dict], args) -> list[dict]:
         raise DdpmkitError(f"this run has no domain metrics: {domain['skipped']}")
     rows = []
     for row in todo:
-        settings = dataclasses.replace(
-            base, sampler=row["sampler"], steps=row["steps"], spacing=row["spacing"], **row["options"]
-        )
+        guidance = row.get("guidance", default)
+        grid = {"sampler": row["sampler"], "steps": row["steps"], "spacing": row["spacing"]}
+        settings = dataclasses.replace(base, **grid, guidance=guidance, **row["options"])
         print(f"{row['row']}: NFE {row['nfe']} ({row['steps']} steps)", file=sys.stderr, flush=True)
         start = time.perf_counter()
         images = sample(settings, args.n)
