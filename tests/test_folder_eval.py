@@ -203,3 +203,53 @@ def test_eval_scores_a_folder_run_and_its_reference_rows(folder, tmp_path, monke
     assert torch.bincount(eval_labels(config, 43)).tolist() == [27, 11, 5]
     assert main(["eval", str(run), "--image-size", "16"]) == 2
     assert "--image-size goes with --reference" in capsys.readouterr().err
+
+
+def test_reference_rows_decode_a_folder_as_the_run_was_trained(tmp_path, monkeypatch, capsys):
+    """A run trained with --fit pad --background black is judged against real images framed the same
+    way: evaluate_reference (and `eval --reference`) decode the folder with the run's fit and background,
+    for the images it scores and for the classifier and held-out set it scores them with."""
+    from ddpmkit.eval import report
+
+    root = tmp_path / "tall"
+    for name, colour in COLOURS.items():  # tall, mostly transparent images: a coloured bar down the middle
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.zeros((16, 8, 4), np.uint8)
+            pixels[:, 3:5] = (*colour, 255)
+            Image.fromarray(pixels, "RGBA").save(root / name / f"{i:03d}.png")
+    scored = []
+
+    def score_images(images, labels, data, *rest):  # what would be scored, and with which decoding
+        scored.append((images, data))
+        return {"domain": {"skipped": "not scored in this test"}}
+
+    monkeypatch.setattr(report, "score_images", score_images)
+
+    def corners(**decoding):
+        reference = report.evaluate_reference(
+            "folder", n=6, data_dir=str(root), image_size=16, inception="off", progress=False, **decoding
+        )
+        images, data = scored.pop()
+        assert reference["dataset"] == data and data["fit"] == decoding.get("fit", "crop")
+        return images[:, :, 0, 0]  # the top-left pixel: a pad bar, or transparency, or (cropped) the bar
+
+    assert bool((corners() == 1).all())  # crop on white: the transparent ground is white
+    assert bool((corners(fit="pad", background=(0, 0, 0)) == -1).all())  # letterboxed on black
+
+    out = tmp_path / "reference.json"
+    args = ["eval", "--reference", "folder", "--data-dir", str(root), "--image-size", "16", "--n", "6"]
+    assert main([*args, "--fit", "pad", "--background", "black", "--inception", "off", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["dataset"]["background"] == [0, 0, 0]
+    assert bool((scored.pop()[0][:, :, 0, 0] == -1).all())
+    # --reference RUN_DIR: the run's own dataset, size, fit and background, from its config
+    data = {"dataset": "folder", "data_dir": str(root), "image_size": 16, "fit": "pad", "background": (0, 0, 0)}
+    run = checkpoint.create_run(tmp_path / "run", apply_overrides(RunConfig(), {"data": data}))
+    assert main(["eval", "--reference", str(run), "--n", "6", "--inception", "off", "--out", str(out)]) == 0
+    described = {"name": "folder", **{k: v for k, v in data.items() if k != "dataset"}, "background": [0, 0, 0]}
+    assert json.loads(out.read_text())["dataset"] == described
+    assert bool((scored.pop()[0][:, :, 0, 0] == -1).all())
+    assert main(["eval", "--reference", str(run), "--image-size", "32", "--fit", "crop"]) == 2
+    assert "--image-size and --fit come from the run with --reference RUN_DIR" in capsys.readouterr().err
+    assert main(["eval", str(run), "--fit", "pad"]) == 2
+    assert "--fit and --background go with --reference" in capsys.readouterr().err

@@ -156,16 +156,20 @@ def evaluate_reference(
     inception_weights_path=None,
     device="cpu",
     progress: bool = True,
+    fit: str = "crop",
+    background=WHITE,
 ) -> dict:
     """The same metrics for n real TRAIN images (optionally blurred), scored against the TEST set:
-    a held-out floor for each metric at this n, and what a given degradation costs."""
-    train = load_dataset(dataset, "train", data_dir, image_size, progress=progress)
+    a held-out floor for each metric at this n, and what a given degradation costs.
+    fit, background: how a folder's images are decoded; a run's floor needs the run's own
+    (`dataset_of(config)` holds them), else its samples are judged against differently framed images."""
+    data = {"name": dataset, "data_dir": data_dir, "image_size": image_size, "fit": fit, "background": list(background)}
+    train = load_dataset(dataset, "train", data_dir, image_size, progress=progress, **decoding(data))
     if n > len(train):
         raise DdpmkitError(f"--n {n} exceeds the {len(train)} training images of {dataset}")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     images = gaussian_blur(to_model_range(train.images[pick]), blur)
     labels = train.labels[pick] if bool((train.labels[pick] >= 0).all()) else None
-    data = {"name": dataset, "data_dir": data_dir, "image_size": image_size}
     results = score_images(images, labels, data, inception, inception_weights_path, device, progress)
     return {
         "kind": "reference",
@@ -207,6 +211,13 @@ def dataset_of(config) -> dict:
         "fit": d.fit,
         "background": list(d.background),
     }
+
+
+def reference_data(config) -> dict:
+    """evaluate_reference's data arguments for a run: its dataset, decoded as its training decoded it."""
+    data = dataset_of(config)
+    keys = {"name": "dataset", "data_dir": "data_dir", "image_size": "image_size"}
+    return {**{keys[k]: data[k] for k in keys}, **decoding(data)}
 
 
 def decoding(data: dict) -> dict:
