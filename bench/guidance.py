@@ -3,12 +3,16 @@ sampler at several guidance weights W on one trained run, with the real-image fl
 
     python bench/guidance.py RUN_DIR                  # the run's own sampler, W = 1, 1.25, 1.5, 2, 3
     python bench/guidance.py RUN_DIR --weights 1,1.5 --row ddim --nfe 50 --n 1000
+    python bench/guidance.py RUN_DIR --weights 1.25,2 --intervals all,0.28:5.42   # guidance intervals too
 
 W = 1 is the plain conditional model; W > 1 moves each step along eps(x_t, y) - eps(x_t, null), which
 trades diversity (recall) for class fidelity (conditional accuracy). Each row draws the same n samples
 (the classes `ddpmkit eval` draws, seed 0) with bench/samplers.py's `measure` and records the `ddpmkit
 eval` command that reproduces its scores. The floor is `ddpmkit eval --reference --n N`: n real
-training images scored the same way. Writes bench/results/guidance-<date>[-<run name>].{md,json}.
+training images scored the same way. --intervals adds, for each weight, rows that guide only the steps
+whose sigma_t lies in (LO, HI] (`ddpmkit sample --guidance-interval LO,HI`, Kynkaanniemi et al. 2024): a
+step outside runs one branch, so such rows sample faster. Writes
+bench/results/guidance-<date>[-<run name>].{md,json}.
 """
 
 from __future__ import annotations
@@ -45,13 +49,30 @@ def own_row(config) -> dict:
 
 def floor(config, n: int, seed: int) -> dict:
     """Domain metrics of n real training images against the held-out set (`ddpmkit eval --reference`)."""
-    from ddpmkit.eval.report import evaluate_reference
+    from ddpmkit.eval.report import evaluate_reference, reference_data
 
-    d = config.data
-    ref = evaluate_reference(
-        d.dataset, n=n, data_dir=d.data_dir, image_size=d.image_size, seed=seed, inception="off", progress=False
-    )
+    ref = evaluate_reference(**reference_data(config), n=n, seed=seed, inception="off", progress=False)
     return ref["results"]["domain"]
+
+
+def where(row: dict) -> str:
+    """The steps a row guides: every step, or those whose sigma_t lies in its interval."""
+    interval = row.get("guidance_interval")
+    return "every step" if interval is None else "({:g}, {:g}]".format(*interval)
+
+
+def parse_intervals(text: str) -> list:
+    """all,LO:HI,... -> [None, (LO, HI), ...] (None: every step)."""
+    intervals = []
+    for item in filter(None, (v.strip() for v in text.split(","))):
+        if item == "all":
+            intervals.append(None)
+            continue
+        lo, hi = (float(v) for v in item.split(":"))
+        if not 0 <= lo < hi < float("inf"):
+            raise ValueError(item)
+        intervals.append((lo, hi))
+    return intervals
 
 
 def report(result: dict) -> str:
@@ -67,9 +88,9 @@ def report(result: dict) -> str:
         f"{result['run']}; {row['sampler']}, {row['steps']} steps, {row['spacing']} spacing (NFE {row['nfe']}); "
         f"{result['n']} samples per row, seed {result['seed']}, classes as `ddpmkit eval` draws them; domain metrics.",
         "",
-        "| guidance W | FD_dom | vs floor | cond. accuracy | cond. balanced accuracy | worst class (accuracy) "
-        "| precision | recall | s / 1,000 samples |",
-        "|" + "---|" * 9,
+        "| guidance W | guided where sigma_t in | FD_dom | vs floor | cond. accuracy | cond. balanced accuracy "
+        "| worst class (accuracy) | precision | recall | s / 1,000 samples |",
+        "|" + "---|" * 10,
     ]
 
     def cells(r: dict, precision: str) -> str:  # samplers.measure's rows keep the k-NN precision apart
@@ -86,12 +107,12 @@ def report(result: dict) -> str:
         )
 
     for r in result["rows"]:
-        lines.append(f"| {r['guidance']:g} | {cells(r, 'precision_knn')} | {r['s_per_1000']:.0f} |")
-    lines.append(f"| real training images (floor) | {cells(ref, 'precision')} | - |")
+        lines.append(f"| {r['guidance']:g} | {where(r)} | {cells(r, 'precision_knn')} | {r['s_per_1000']:.0f} |")
+    lines.append(f"| real training images (floor) | | {cells(ref, 'precision')} | - |")
     best = min(result["rows"], key=lambda r: r["fd_dom"])
     lines += [
         "",
-        f"Lowest FD_dom at W = {best['guidance']:g}; the classifier's held-out accuracy is "
+        f"Lowest FD_dom at W = {best['guidance']:g}, {where(best)}; the classifier's held-out accuracy is "
         f"{ref['classifier_test_accuracy']:.3f} (balanced {ref['classifier_test_balanced_accuracy']:.3f}), "
         "the ceiling of conditional accuracy. Each row alone: its `command` in the JSON.",
     ]
@@ -107,6 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=",".join(f"{w:g}" for w in WEIGHTS), help="guidance weights (1,1.25,1.5,2,3)")
     p.add_argument("--row", help=f"a bench/samplers.py row ({', '.join(samplers.ROWS)}); else the run's own sampler")
     p.add_argument("--nfe", type=int, default=10, help="network evaluations per image for --row (10)")
+    p.add_argument(
+        "--intervals",
+        default="all",
+        help="guidance intervals in sigma_t, all (every step) or LO:HI, comma-separated; each weight W != 1 is "
+        "measured with each (all)",
+    )
     p.add_argument("--n", type=int, default=1000, help="samples per row (1000)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256, as ddpmkit eval)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (2)")
@@ -120,6 +147,10 @@ def main(argv=None) -> int:
         p.error("--weights takes comma-separated numbers")
     if not weights or min(weights) < 0:
         p.error("--weights must be numbers >= 0")
+    try:
+        intervals = parse_intervals(args.intervals)
+    except ValueError:
+        p.error("--intervals takes all or LO:HI (0 <= LO < HI, finite), comma-separated")
     if args.row is not None and args.row not in samplers.ROWS:
         p.error(f"unknown --row {args.row}; choose from {', '.join(samplers.ROWS)}")
     if args.n < 4:
@@ -145,7 +176,11 @@ def main(argv=None) -> int:
                 raise DdpmkitError(f"--row {args.row} cannot make {args.nfe} NFE: {skipped[0]['why']}")
             row = todo[0]
         args.guidance = None  # each row carries its own: one model, one judge, one warm-up for every weight
-        rows = samplers.measure(run_dir, [{**row, "guidance": w} for w in weights], args)
+        # W = 1 is plain conditional sampling whatever the interval: one row
+        todo = [
+            {**row, "guidance": w, "guidance_interval": i} for w in weights for i in (intervals if w != 1 else [None])
+        ]
+        rows = samplers.measure(run_dir, todo, args)
         ref = floor(config, args.n, args.seed)
     except DdpmkitError as e:
         print(f"bench/guidance.py: error: {e}", file=sys.stderr)

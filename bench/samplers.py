@@ -3,9 +3,12 @@ the same numbers of network evaluations (NFE), on one trained run.
 
     python bench/samplers.py RUN_DIR        # -> bench/results/samplers-<date>.{md,json,png}
     python bench/samplers.py RUN_DIR --rows dpm++,heun-karras --nfe 10,15 --n 1000
+    python bench/samplers.py RUN_DIR --tag emoji   # -> samplers-<date>-emoji.*: a second run the same day
+    python bench/samplers.py --render bench/results/samplers-<date>.json   # remake its .md and .png
 
-Each row draws n samples (classes balanced, seed 0) with one sampler and spacing at the step count
-whose NFE is the column's (NFE = steps, except heun: 2 steps - 1, so it has only odd NFEs; an NFE a
+Each row draws n samples (classes as `ddpmkit eval` draws them, seed 0) with one sampler and spacing at
+the step count whose NFE is the column's (NFE = steps, except heun: 2 steps - 1, or 2 steps - 2 where
+it enters Karras' grid from above sigma_max with one Euler step, as on the cosine schedule; an NFE a
 sampler cannot reach, or that needs more steps than the model's T, is skipped and listed), and scores
 them with the domain metrics: the same functions, labels and seed as `ddpmkit eval RUN --sampler X
 --steps N --spacing S --n 1000 --nll-n 0 --inception off`, which each row records so that it can be
@@ -14,7 +17,8 @@ threads in the run's sampling precision. DDIM with min(100, T) steps is the refe
 names the best row for "1,000 samples in <= 90 s at < 10% above DDIM-100's FD_dom" (the lowest FD_dom
 among the rows that meet both; the fastest of them too), the choice for `DEFAULT_SAMPLING` in
 src/ddpmkit/run/config.py. The full grid (10 rows x 9 NFEs x 1,000 samples) samples about 2,300
-network evaluations of 1,000 images: about 3 hours on the 2-core CPU where DDIM-50 takes 206 s.
+network evaluations of 1,000 images: about 3 hours on the 2-core AVX2 CPU where DDIM-50 takes 206 s,
+52 minutes on the 2-core AVX-512 BF16 one (bench/results/samplers-2026-12-02.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -78,6 +83,9 @@ def plan(rows: list[str], nfes: list[int], T: int, schedule=None) -> tuple[list[
 def eval_command(run_dir, row: dict, guidance: float, args) -> str:
     """The `ddpmkit eval` command that scores the same row (the same images; the timing is this script's)."""
     options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in row["options"].items())
+    if "guidance_interval" in row:  # a row's own interval, None = every step (whatever the run's default)
+        interval = row["guidance_interval"]
+        options += " --guidance-interval " + ("all" if interval is None else "{:g},{:g}".format(*interval))
     return (
         f"ddpmkit eval {run_dir} --sampler {row['sampler']} --steps {row['steps']} --spacing {row['spacing']}"
         f"{options} --guidance {guidance:g} --n {args.n} --seed {args.seed} --batch-size {args.batch_size}"
@@ -116,7 +124,8 @@ def measure(run_dir: Path, todo: list[dict], args) -> list[dict]:
     for row in todo:
         guidance = row.get("guidance", default)
         grid = {"sampler": row["sampler"], "steps": row["steps"], "spacing": row["spacing"]}
-        settings = dataclasses.replace(base, **grid, guidance=guidance, **row["options"])
+        interval = row.get("guidance_interval", base.guidance_interval)
+        settings = dataclasses.replace(base, **grid, guidance=guidance, guidance_interval=interval, **row["options"])
         print(f"{row['row']}: NFE {row['nfe']} ({row['steps']} steps)", file=sys.stderr, flush=True)
         start = time.perf_counter()
         images = sample(settings, args.n)
@@ -128,6 +137,7 @@ def measure(run_dir: Path, todo: list[dict], args) -> list[dict]:
             {
                 **row,
                 "guidance": guidance,
+                "guidance_interval": interval,
                 "precision": resolve_precision(settings.precision, args.device),
                 "fd_dom": domain.get("fd_dom"),
                 "precision_knn": domain.get("precision"),
@@ -176,6 +186,33 @@ def best_line(result: dict) -> str:
     return line + "."
 
 
+def fd_table(result: dict) -> list[str]:
+    """FD_dom of each row at each NFE, one line per row (the lowest in each column in bold): the table docs show."""
+    nfes = sorted({r["nfe"] for r in result["rows"]})
+    fd = {(r["row"], r["nfe"]): r["fd_dom"] for r in result["rows"]}
+    lowest = {n: min(v for (_, m), v in fd.items() if m == n) for n in nfes}
+    lines = ["| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|" + "---|" * (len(nfes) + 1)]
+    for name in dict.fromkeys(r["row"] for r in result["rows"]):
+        cells = ["" if (name, n) not in fd else f"{fd[name, n]:.1f}" for n in nfes]
+        cells = [f"**{c}**" if c and fd[name, n] == lowest[n] else c for c, n in zip(cells, nfes)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def at_nfe_line(result: dict, target: int = 10) -> str:
+    """The issue's other target: the best row at `target` NFE within TOLERANCE of the reference's FD_dom."""
+    ref, rows = result["reference"], [r for r in result["rows"] if r["nfe"] == target]
+    if not rows:
+        return f"No row at {target} NFE."
+    best = min(rows, key=lambda r: r["fd_dom"])
+    ratio = best["fd_dom"] / ref["fd_dom"]
+    verdict = "within" if ratio < 1 + TOLERANCE else "not within"
+    return (
+        f"Best at {target} NFE: {best['row']}, FD_dom {best['fd_dom']:.2f}, {ratio:.2f}x DDIM-{ref['steps']}'s "
+        f"{ref['fd_dom']:.2f} ({verdict} {TOLERANCE:.0%})."
+    )
+
+
 def report(result: dict) -> str:
     m, ref = result["machine"], result["reference"]
     warning = _measure.busy_warning(m)
@@ -188,9 +225,17 @@ def report(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['threads']} threads, sampling "
         f"precision {ref['precision']}. Run {result['run']['dir']} ({result['run']['checkpoint']}, "
         f"{result['run']['schedule']} schedule, T = {result['run']['T']}); {result['n']} samples per row, "
-        f"classes balanced, seed {result['seed']}, guidance {ref['guidance']:g}; domain metrics.",
+        f"classes as `ddpmkit eval` draws them, seed {result['seed']}, guidance {ref['guidance']:g}; domain metrics.",
         "",
         best_line(result),
+        "",
+        at_nfe_line(result),
+        "",
+        f"FD_dom (lower is better; DDIM-{ref['steps']}: {ref['fd_dom']:.2f}):",
+        "",
+        *fd_table(result),
+        "",
+        "Every row:",
         "",
         "| row | sampler | spacing | NFE | steps | FD_dom | vs DDIM-"
         f"{ref['steps']} | precision | recall | cond. accuracy | sampling s | s / 1,000 | scoring s |",
@@ -250,7 +295,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="FD_dom, precision and recall of every sampler at equal NFE.")
-    p.add_argument("run_dir", help="a trained run directory (the default 15-minute Fashion-MNIST model)")
+    p.add_argument("run_dir", nargs="?", help="a trained run directory (the default 15-minute Fashion-MNIST model)")
     p.add_argument("--rows", help=f"comma-separated rows to run (all): {', '.join(ROWS)}")
     p.add_argument("--nfe", default=",".join(map(str, NFES)), help=f"the NFEs ({','.join(map(str, NFES))})")
     p.add_argument("--n", type=int, default=1000, help="samples per row (1000)")
@@ -260,7 +305,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", default=str(HERE / "results"), help="where samplers-<date>.{md,json,png} go")
+    p.add_argument("--tag", help="added to the report's name: samplers-<date>-<tag> (one per run measured that day)")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an earlier report's JSON")
     args = p.parse_args(argv)
+    if args.render:
+        stem = Path(args.render).with_suffix("")
+        result = json.loads(Path(args.render).read_text())
+        plot(result, stem.with_suffix(".png"))
+        _measure.write_report(stem, result, report(result))
+        return 0
+    if args.run_dir is None:
+        p.error("give a run directory (or --render JSON)")
     rows = args.rows.split(",") if args.rows else list(ROWS)
     try:
         nfes = [int(v) for v in args.nfe.split(",")]
@@ -292,7 +347,7 @@ def main(argv=None) -> int:
         print(f"bench/samplers.py: error: {e}", file=sys.stderr)
         return 2
     date = datetime.date.today().isoformat()
-    stem = Path(args.results_dir) / f"samplers-{date}"
+    stem = Path(args.results_dir) / f"samplers-{date}{'-' + args.tag if args.tag else ''}"
     result = {
         "date": date,
         "command": "python bench/samplers.py " + " ".join(sys.argv[1:] if argv is None else argv),

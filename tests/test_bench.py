@@ -215,6 +215,24 @@ def test_sampler_benchmark_plans_nfes_per_sampler():
     ]
     assert bench.best_choice(rows, reference_fd=10.0) == (rows[1], rows[2])
     assert bench.best_choice(rows[3:], reference_fd=10.0) == (None, None)
+    result = {
+        "reference": {"fd_dom": 10.0, "steps": 100},
+        "rows": [
+            {"row": "a", "nfe": 4, "fd_dom": 30.0},
+            {"row": "a", "nfe": 10, "fd_dom": 11.5},
+            {"row": "b", "nfe": 10, "fd_dom": 10.8},
+        ],
+    }
+    assert bench.fd_table(result) == [
+        "| row | NFE 4 | NFE 10 |",
+        "|---|---|---|",
+        "| a | **30.0** | 11.5 |",
+        "| b |  | **10.8** |",
+    ]
+    assert bench.at_nfe_line(result) == "Best at 10 NFE: b, FD_dom 10.80, 1.08x DDIM-100's 10.00 (within 10%)."
+    result["rows"][2]["fd_dom"] = 11.2
+    assert "1.12x DDIM-100's 10.00 (not within 10%)" in bench.at_nfe_line(result)
+    assert bench.at_nfe_line(result, 6) == "No row at 6 NFE."
 
 
 def test_sampler_benchmark_smoke_run_matches_ddpmkit_eval(tiny_mnist, tmp_path, monkeypatch, capsys):
@@ -230,8 +248,9 @@ def test_sampler_benchmark_smoke_run_matches_ddpmkit_eval(tiny_mnist, tmp_path, 
     assert main([*train, "--precision", "fp32", "--out", str(run)]) == 0
     bench = _bench_module("samplers")
     argv = [str(run), "--rows", "dpm++,heun-karras", "--nfe", "3,4", "--n", "16", "--threads", "1"]
-    assert bench.main([*argv, "--results-dir", str(tmp_path / "results")]) == 0
+    assert bench.main([*argv, "--results-dir", str(tmp_path / "results"), "--tag", "toy"]) == 0
     (stem,) = {p.with_suffix("") for p in (tmp_path / "results").iterdir()}
+    assert stem.name.endswith("-toy")
     result = json.loads(stem.with_suffix(".json").read_text())
     assert [(r["row"], r["nfe"], r["steps"]) for r in result["rows"]] == [
         ("dpm++", 3, 3),
@@ -241,8 +260,11 @@ def test_sampler_benchmark_smoke_run_matches_ddpmkit_eval(tiny_mnist, tmp_path, 
     assert result["skipped"] == [{"row": "heun-karras", "nfe": 3, "why": "no step count makes 3 NFE"}]
     assert result["reference"]["steps"] == 50 and stem.with_suffix(".png").stat().st_size > 10_000
     table = stem.with_suffix(".md").read_text()
-    assert table.count("| dpm++ |") == 2 and "reference DDIM-50" in table
+    assert table.count("| dpm++ |") == 3 and "reference DDIM-50" in table  # the FD_dom table's line and two rows
     assert "Best choice for" in table or "No row meets" in table
+    stem.with_suffix(".md").unlink()  # --render remakes the report from the JSON alone
+    assert bench.main(["--render", str(stem.with_suffix(".json"))]) == 0
+    assert stem.with_suffix(".md").read_text() == table
     row = result["rows"][2]
     capsys.readouterr()
     eval_argv = row["command"].split()[1:] + ["--no-progress", "--out", str(tmp_path / "eval.json")]
@@ -264,21 +286,31 @@ def test_guidance_benchmark_scores_each_weight_like_ddpmkit_eval(tiny_mnist, tmp
     assert main([*train, "--precision", "fp32", "--sample-steps", "3", "--out", str(run)]) == 0
     bench = _bench_module("guidance")
     argv = [str(run), "--weights", "1,3", "--n", "16", "--threads", "1", "--results-dir", str(tmp_path / "r")]
-    assert bench.main(argv) == 0
+    assert bench.main([*argv, "--intervals", "all,1e8:1e9,0:1e8"]) == 0
     (stem,) = {p.with_suffix("") for p in (tmp_path / "r").iterdir()}
     assert stem.name.endswith("-run")
     result = json.loads(stem.with_suffix(".json").read_text())
-    assert [r["guidance"] for r in result["rows"]] == [1.0, 3.0]
+    # W = 1 once; W = 3 guided at every step, at none (no sigma_t above 1e8), at all (every sigma_t below it)
+    assert [(r["guidance"], r["guidance_interval"]) for r in result["rows"]] == [
+        (1.0, None),
+        (3.0, None),
+        (3.0, [1e8, 1e9]),
+        (3.0, [0, 1e8]),
+    ]
     assert result["sampling"]["steps"] == 3  # the run's own sampler settings
-    assert result["rows"][0]["fd_dom"] != result["rows"][1]["fd_dom"]  # guidance changes the samples
+    fd = [r["fd_dom"] for r in result["rows"]]
+    assert fd[0] != fd[1] and fd[2] == fd[0] and fd[3] == fd[1]  # guidance changes the samples, where it acts
     table = stem.with_suffix(".md").read_text()
-    assert "| 3 |" in table and "real training images (floor)" in table
+    assert "| 3 | every step |" in table and "| 3 | (1e+08, 1e+09] |" in table and "(floor)" in table
     capsys.readouterr()
-    row = result["rows"][1]
-    assert "--guidance 3" in row["command"]
-    assert main(row["command"].split()[1:] + ["--no-progress", "--out", str(tmp_path / "e.json")]) == 0
-    scored = json.loads((tmp_path / "e.json").read_text())["results"]["domain"]
-    assert scored["fd_dom"] == pytest.approx(row["fd_dom"], rel=1e-6)
+    for row, flag in ((result["rows"][1], "--guidance 3 "), (result["rows"][2], "--guidance-interval 1e+08,1e+09")):
+        assert flag in row["command"]
+        assert main(row["command"].split()[1:] + ["--no-progress", "--out", str(tmp_path / "e.json")]) == 0
+        scored = json.loads((tmp_path / "e.json").read_text())["results"]["domain"]
+        assert scored["fd_dom"] == pytest.approx(row["fd_dom"], rel=1e-6)
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--intervals", "5:1"])
+    assert "--intervals takes all or LO:HI" in capsys.readouterr().err
 
 
 def test_guidance_benchmark_rejects_an_unconditional_run_in_one_line(tmp_path, capsys):

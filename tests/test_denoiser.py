@@ -95,3 +95,29 @@ def test_a_run_config_tells_the_denoiser_whether_the_null_class_was_trained(labe
     config.data.label_dropout = label_dropout
     den = build.denoiser(config, ClassNet())
     assert den.num_classes == 10 and den.null_class_trained is trained
+
+
+def _sigma(den, t: int) -> float:
+    abar = float(den.schedule.alpha_bar[t])
+    return ((1 - abar) / abar) ** 0.5
+
+
+def test_a_guidance_interval_guides_only_where_sigma_lies_in_it():
+    """Inside (LO, HI] the guided answer from one batched pass of both branches; outside it the plain
+    conditional one, from one pass of the classes alone (half the work)."""
+    den, (x_t, _, y) = _denoiser(), _inputs()
+    null = torch.full_like(y, NUM_CLASSES)
+    lo, hi = _sigma(den, 10), _sigma(den, 30)  # sigma_t grows with t
+    den.guidance_interval = (lo, hi)
+    assert [den.guides_at(t) for t in (10, 11, 30, 31)] == [False, True, True, False]
+    for t, inside in ((5, False), (20, True), (45, False)):
+        den.net.seen.clear()
+        out = den(x_t, t, y, guidance=3.0)
+        (labels,) = den.net.seen
+        den.guidance_interval = None
+        expected = den(x_t, t, y, guidance=3.0 if inside else 1.0)
+        den.guidance_interval = (lo, hi)
+        assert torch.equal(labels, torch.cat([y, null]) if inside else y)
+        assert torch.allclose(out.eps, expected.eps) and torch.allclose(out.x0, expected.x0)
+    den.guidance_interval = (0.0, 1e9)  # wide enough for every step: as without an interval
+    assert all(den.guides_at(t) for t in range(1, 51))

@@ -368,6 +368,31 @@ def test_every_sampler_samples_a_trained_run_with_guidance(trained_run, name, tm
         assert not np.array_equal(guided, sample(3.0, *CLI_OPTIONS[name]))  # and so did its options
 
 
+def test_guidance_interval_from_the_command_line(trained_run, tmp_path, capsys):
+    """--guidance-interval LO,HI guides only the steps whose sigma_t is in (LO, HI]: none of them is
+    plain conditional sampling, all of them (or `all`) is plain guidance, some of them neither."""
+
+    def sample(*flags):
+        npz = tmp_path / "s.npz"
+        argv = ["sample", str(trained_run), "--sampler", "ddim", "--steps", "6", "--n", "4", "--guidance", "3"]
+        assert main([*argv, *flags, "--precision", "fp32", "--out", str(tmp_path / "s.png"), "--npz", str(npz)]) == 0
+        return np.load(npz)["images"]
+
+    guided, plain = sample("--guidance-interval", "all"), sample("--guidance", "1")
+    assert not np.array_equal(guided, plain)
+    assert np.array_equal(sample("--guidance-interval", "1e8,1e9"), plain)  # no step has such a sigma
+    assert np.array_equal(sample("--guidance-interval", "0,1e8"), guided)  # every step does
+    some = sample("--guidance-interval", "0.28,5.42")
+    assert not np.array_equal(some, guided) and not np.array_equal(some, plain)
+    assert np.array_equal(sample(), some)  # a new run's default interval
+    for bad in ("5,0.5", "1", "nan,2", "-1,2", "0,inf"):
+        with pytest.raises(SystemExit) as exited:  # argparse: usage, then one line naming the flag
+            main(["sample", str(trained_run), "--guidance-interval", bad])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "--guidance-interval" in err[-1] and "Traceback" not in "".join(err)
+
+
 def _ddpm_output_law(schedule, steps, variance):
     """Mean and variance of ddpm's output on Gaussian data, in closed form (scalars, float64).
 

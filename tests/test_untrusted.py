@@ -233,6 +233,22 @@ CASES = {
         config_text(lambda text: re.sub(r'"guidance": [0-9.]+', '"guidance": -Infinity', text, count=1)),
         "-Infinity is not a finite number",
     ),
+    "a guidance interval upside down": (
+        config({"sample.guidance_interval": [5.0, 0.5]}),
+        "--guidance-interval must be LO,HI with 0 <= LO < HI (sigmas), got (5.0, 0.5)",
+    ),
+    "a guidance interval of three numbers": (
+        config({"sample.guidance_interval": [0, 1, 2]}),
+        "--guidance-interval must be LO,HI",
+    ),
+    "a guidance interval of strings": (
+        config({"sample.guidance_interval": ["a", "b"]}),
+        "sample.guidance_interval[0] must be a number, got 'a'",
+    ),
+    "a guidance interval as a number": (
+        config({"sample.guidance_interval": 3}),
+        "sample.guidance_interval must be a list of numbers, got 3",
+    ),
     "1e999 dropout": (
         config_text(lambda text: text.replace('"dropout": 0.0', '"dropout": 1e999')),
         "1e999 is not a finite number",

@@ -8,6 +8,7 @@ and exits 128 + the signal (130 or 143), as shells report signals; continue it w
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ from ddpmkit.run import checkpoint
 from ddpmkit.run.config import (
     DDPM_VARIANCES,
     DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
     DEFAULT_SAMPLING,
     LR_SCHEDULES,
     ON_NAN,
@@ -61,6 +63,22 @@ def _colour(text: str) -> tuple[int, int, int]:
 
 
 _colour.__name__ = "colour (white, black or R,G,B in 0..255)"
+
+
+EVERY_STEP = ()  # `--guidance-interval all`: no interval (SampleConfig's None), told apart from "not given"
+
+
+def _interval(text: str) -> tuple[float, ...]:
+    """LO,HI (finite sigmas, 0 <= LO < HI), or all: every step."""
+    if text.strip().lower() == "all":
+        return EVERY_STEP
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 2 or not all(map(math.isfinite, values)) or not 0 <= values[0] < values[1]:
+        raise ValueError(text)
+    return values
+
+
+_interval.__name__ = "interval (LO,HI with 0 <= LO < HI, or all)"
 
 
 TRAIN_FLAGS = [
@@ -352,6 +370,14 @@ def _sampler_flags(p) -> None:
         "for a class-conditional run trained with label dropout, else 1)",
     )
     p.add_argument(
+        "--guidance-interval",
+        type=_interval,
+        metavar="LO,HI",
+        help="guide only at steps whose noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (LO, HI], "
+        "plain conditional elsewhere (Kynkaanniemi et al. 2024), where a step costs half; all = every step "
+        "(the run's default: {:g},{:g} where it guides by default, else all)".format(*DEFAULT_GUIDANCE_INTERVAL),
+    )
+    p.add_argument(
         "--precision",
         help=f"the network's precision while sampling: {either(PRECISIONS)} "
         "(the run's; auto = bf16 where the hardware has it)",
@@ -610,6 +636,8 @@ def sample_settings(defaults: SampleConfig, args) -> SampleConfig:
     for name in values:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    if values["guidance_interval"] == EVERY_STEP:
+        values["guidance_interval"] = None
     return SampleConfig(**values)
 
 
@@ -690,10 +718,23 @@ def _eval_parser(sub) -> None:
         "set is the 10% of its images that training leaves out.",
     )
     p.add_argument("run_dir", nargs="?", help="a run directory made by `ddpmkit train`")
-    p.add_argument("--reference", metavar="DATASET", help="score real TRAIN images of this dataset instead of a run")
+    p.add_argument(
+        "--reference",
+        metavar="DATASET|RUN_DIR",
+        help="score real TRAIN images of this dataset instead of a run; given a run directory, of the run's "
+        "dataset decoded as the run was trained (its data dir, size, --fit and --background)",
+    )
     p.add_argument("--data-dir", help="with --reference: where the dataset files are (a folder: the folder)")
     p.add_argument(
         "--image-size", type=int, help="with --reference: resize the images to this size, as the run was trained"
+    )
+    p.add_argument(
+        "--fit", choices=FITS, help="with --reference: how folder images become square, as the run was trained (crop)"
+    )
+    p.add_argument(
+        "--background",
+        type=_colour,
+        help="with --reference: the colour under transparent folder pixels, as the run was trained (white)",
     )
     p.add_argument("--blur", type=float, default=0.0, help="with --reference: Gaussian blur sigma in pixels (0)")
     p.add_argument("--n", type=int, default=1000, help="images to generate (or real images) to score (1000)")
@@ -742,6 +783,10 @@ def cmd_eval(args) -> int:
         (args.blur >= 0, f"--blur must be >= 0, got {args.blur}"),
         ((args.run_dir is None) != (args.reference is None), "give either RUN_DIR or --reference"),
         (args.image_size is None or args.reference, "--image-size goes with --reference (a run has its own size)"),
+        (
+            (args.fit is None and args.background is None) or args.reference,
+            "--fit and --background go with --reference (a run decodes its images as it was trained)",
+        ),
     ):
         if not ok:
             raise DdpmkitError(message)
@@ -757,9 +802,7 @@ def cmd_eval(args) -> int:
     }
     started = time.monotonic()
     if args.reference:
-        report = evaluate.evaluate_reference(
-            args.reference, data_dir=args.data_dir, image_size=args.image_size, blur=args.blur, **common
-        )
+        report = evaluate.evaluate_reference(**reference_source(args), blur=args.blur, **common)
         out = Path(args.out) if args.out else None
     else:
         run_dir = Path(args.run_dir)
@@ -781,6 +824,19 @@ def cmd_eval(args) -> int:
         atomic_write(out, (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {out}")
     return 0
+
+
+def reference_source(args) -> dict:
+    """evaluate_reference's data arguments for `eval --reference`: a dataset and the flags, or a run
+    directory's dataset as its config describes it (so that its floor is framed as the run saw it)."""
+    flags = {"data_dir": args.data_dir, "image_size": args.image_size, "fit": args.fit, "background": args.background}
+    if args.reference in DATASETS or not checkpoint.is_run(Path(args.reference)):
+        return {"dataset": args.reference, **{k: v for k, v in flags.items() if v is not None}}
+    if given := [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]:
+        raise DdpmkitError(f"{' and '.join(given)} come from the run with --reference RUN_DIR; leave them out")
+    from ddpmkit.eval.report import reference_data
+
+    return reference_data(checkpoint.load_config(Path(args.reference)))
 
 
 def note_printer(command: str):

@@ -9,6 +9,7 @@ Classifier-free guidance lives here, once, for every sampler.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -66,6 +67,7 @@ class Denoiser(nn.Module):
         self.num_classes, self.learn_sigma, self.clip_x0 = num_classes, learn_sigma, clip_x0
         self.null_class_trained = null_class_trained
         self.self_condition, self.precision = self_condition, precision
+        self.guidance_interval: tuple[float, float] | None = None  # (LO, HI): guide only where LO < sigma_t <= HI
 
     @property
     def null_class(self) -> int:
@@ -80,6 +82,8 @@ class Denoiser(nn.Module):
         x_self_cond: torch.Tensor | None = None,
     ) -> Prediction:
         t = _as_steps(t, x_t)
+        if guidance != 1.0 and not self.guides_at(int(t[0])):
+            guidance = 1.0  # outside the guidance interval: the plain conditional model, one branch
         if y is None or guidance == 1.0:  # y = None: the unconditional model, which guidance leaves as it is
             if y is None:
                 self._check_null_class("y = None (the unconditional model)")
@@ -102,6 +106,18 @@ class Denoiser(nn.Module):
         eps_null = self.x0_eps(x_t, t, out_null.pred)[1]
         eps = (1 - guidance) * eps_null + guidance * eps_cond  # eps_hat = (1 - w) eps_null + w eps_cond
         return self._finish(x_t, t, diffusion.x0_from_eps(self.schedule, x_t, t, eps), eps, out_cond.var_frac)
+
+    def guides_at(self, t: int) -> bool:
+        """Whether step t lies in the guidance interval, LO < sigma_t <= HI, where sigma_t =
+        sqrt((1 - alpha_bar_t) / alpha_bar_t) is Karras et al.'s noise level of x_t / sqrt(alpha_bar_t)
+        (Kynkaanniemi et al. 2024 guide only there: at high noise guidance costs diversity, at low noise
+        it does little). Every step when no interval is set."""
+        if self.guidance_interval is None:
+            return True
+        lo, hi = self.guidance_interval
+        alpha_bar = float(self.schedule.alpha_bar[t])
+        sigma = math.sqrt((1 - alpha_bar) / alpha_bar) if alpha_bar > 0 else math.inf
+        return lo < sigma <= hi
 
     def _check_null_class(self, asked: str) -> None:
         """Refuse what would need the null class of a conditional net that never trained it."""

@@ -88,7 +88,7 @@ def generate(
     settings: the sampler, its steps and options (default: SampleConfig()'s)."""
     settings = settings or SampleConfig()
     check_sample(settings, denoiser.schedule.T)
-    denoiser.precision = settings.precision
+    denoiser.precision, denoiser.guidance_interval = settings.precision, settings.guidance_interval
     if settings.compile and not isinstance(denoiser.net, torch._dynamo.eval_frame.OptimizedModule):
         # once (later calls reuse it); frozen: sampling a run's saved weights, which do not change
         denoiser.net = build.compiled(denoiser.net, device, frozen=True)
