@@ -11,6 +11,7 @@ from ddpmkit.models import build_model, count_parameters
 from ddpmkit.run import build, checkpoint
 from ddpmkit.run.config import (
     DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
     RunConfig,
     apply_overrides,
     default_attn_resolutions,
@@ -77,6 +78,18 @@ def test_default_guidance_follows_whether_the_run_can_be_guided():
     # a run saved before the default existed states its guidance and keeps it; one without the field derives it
     assert resolve(from_dict(RunConfig, {"sample": {"guidance": 1.0}})).sample.guidance == 1.0
     assert resolve(from_dict(RunConfig, {"sample": {}})).sample.guidance == DEFAULT_GUIDANCE
+
+
+def test_default_guidance_comes_with_its_interval_and_only_then():
+    """A new guided run guides in (0.28, 5.42] (bench/guidance.py with --intervals); a run that states
+    its guidance (saved before, or set) keeps guiding where it stated, every step when it names none."""
+    assert resolve(RunConfig()).sample.guidance_interval == DEFAULT_GUIDANCE_INTERVAL == (0.28, 5.42)
+    unconditional = apply_overrides(RunConfig(), {"data": {"conditional": False}})
+    assert resolve(unconditional).sample.guidance_interval is None
+    assert resolve(from_dict(RunConfig, {"sample": {"guidance": 1.25}})).sample.guidance_interval is None
+    stated = {"sample": {"guidance_interval": [1, 2]}}
+    assert resolve(from_dict(RunConfig, stated)).sample.guidance_interval == (1.0, 2.0)
+    assert resolve(resolve(RunConfig())) == resolve(RunConfig())
 
 
 # ---- through the command line -------------------------------------------------------------------

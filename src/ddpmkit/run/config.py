@@ -120,12 +120,19 @@ class TrainConfig:
 # measured by bench/samplers.py (bench/results/samplers-2026-12-01.md) on the 15-minute Fashion-MNIST
 # model: DPM-Solver++(2M) with 10 steps on Karras et al.'s sigmas scored FD_dom 7.98 against DDIM-100's
 # 12.84 (DDIM-50, the default before: 13.83), 20 s per 1,000 samples on 2 cores (DDIM-50: 108 s).
+# Confirmed on a second 15-minute model at NFE 4-100 (bench/results/samplers-2026-12-02.md): 7.24
+# against DDIM-100's 11.83, the best row at 10 NFE.
 DEFAULT_SAMPLING = {"sampler": "dpm++", "steps": 10, "spacing": "karras"}
 # the classifier-free guidance weight a class-conditional run trained with label dropout samples with,
 # measured by bench/guidance.py (bench/results/guidance-2026-12-02-fm15-default.md) on the 15-minute
 # Fashion-MNIST model at the sampler above: W = 1.25 keeps FD_dom (7.30 against 7.24 at W = 1) and
 # raises conditional accuracy from 0.838 to 0.895; W = 1.5 already doubles FD_dom (12.5).
 DEFAULT_GUIDANCE = 1.25
+# ... applied only where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (0.28, 5.42], Kynkaanniemi et al.
+# 2024's interval for EDM2: on the same model and sampler (bench/results/guidance-2026-12-02-fm15-default-
+# intervals.md) FD_dom 6.28 against 7.30 guiding every step, accuracy 0.880 against 0.895, and half the
+# sampling time (15 s against 29 s per 1,000: 3 of the 10 steps are guided, the others run one branch).
+DEFAULT_GUIDANCE_INTERVAL = (0.28, 5.42)
 
 
 @dataclass
@@ -136,6 +143,9 @@ class SampleConfig:
     steps: int = DEFAULT_SAMPLING["steps"]
     spacing: str = DEFAULT_SAMPLING["spacing"]
     guidance: float | None = None  # None: DEFAULT_GUIDANCE where the run can be guided, else 1 (resolve)
+    # guide only at steps with LO < sigma_t <= HI, plain conditional elsewhere (Kynkaanniemi et al. 2024);
+    # None: at every step. A step outside it evaluates one branch instead of two.
+    guidance_interval: tuple[float, ...] | None = None
     # each sampler's own options (a field per keyword option of a sampler in core.samplers.SAMPLERS)
     eta: float = 0.0  # ddim: 0 deterministic .. 1 DDPM-like noise
     variance: str = "beta_tilde"  # ddpm: the reverse variance, beta_tilde (posterior) or beta (upper bound)
@@ -216,7 +226,13 @@ def distilled_config(teacher: RunConfig, teacher_dir: str, checkpoint_name: str,
     once_a_round = max(settings.steps_per_round, 1)
     train = {**DISTILL_TRAIN, "sample_every": once_a_round, **given.get("train", {}), "steps": total}
     sample = dataclasses.replace(
-        teacher.sample, sampler="ddim", steps=settings.to, spacing=settings.spacing, guidance=1.0, eta=0.0
+        teacher.sample,
+        sampler="ddim",
+        steps=settings.to,
+        spacing=settings.spacing,
+        guidance=1.0,
+        guidance_interval=None,
+        eta=0.0,
     )
     student = dataclasses.replace(
         teacher,
@@ -251,7 +267,7 @@ def from_dict(cls, data: dict, where: str = ""):
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_PLURALS = {int: "integers", str: "strings"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}
 
 
 def typed(value, hint, name: str, optional: bool = False):
@@ -348,12 +364,15 @@ def resolve(config: RunConfig) -> RunConfig:
     attn = m.attn_resolutions if m.attn_resolutions is not None else default_attn_resolutions(size, mults)
     batch = t.batch_size if t.batch_size is not None else default_batch_size(size)
     lr = t.lr if t.lr is not None else default_lr(size, batch)
-    guidance = config.sample.guidance if config.sample.guidance is not None else default_guidance(config)
+    guidance, interval = config.sample.guidance, config.sample.guidance_interval
+    if guidance is None:  # derived: a new run's default guidance, in the default interval
+        guidance = default_guidance(config)
+        interval = DEFAULT_GUIDANCE_INTERVAL if guidance != 1.0 and interval is None else interval
     return dataclasses.replace(
         config,
         model=dataclasses.replace(m, channel_mults=tuple(mults), attn_resolutions=tuple(attn)),
         train=dataclasses.replace(t, batch_size=batch, lr=lr),
-        sample=dataclasses.replace(config.sample, guidance=guidance),
+        sample=dataclasses.replace(config.sample, guidance=guidance, guidance_interval=interval),
     )
 
 
@@ -460,6 +479,11 @@ def _is_colour(value) -> bool:
     )
 
 
+def _is_interval(value) -> bool:
+    """None, or (LO, HI): finite, with 0 <= LO < HI."""
+    return value is None or (len(value) == 2 and all(map(math.isfinite, value)) and 0 <= value[0] < value[1])
+
+
 def check_sample(s: SampleConfig, T: int) -> None:
     """Refuse sampling settings that cannot work with a model of T steps (flags of `ddpmkit sample`)."""
     checks = [
@@ -470,6 +494,10 @@ def check_sample(s: SampleConfig, T: int) -> None:
         (
             s.guidance is None or math.isfinite(s.guidance) and s.guidance >= 0,
             f"--guidance must be a finite number >= 0, got {s.guidance}",
+        ),
+        (
+            _is_interval(s.guidance_interval),
+            f"--guidance-interval must be LO,HI with 0 <= LO < HI (sigmas), got {s.guidance_interval!r}",
         ),
         (0 <= s.s_churn < math.inf, f"--s-churn must be a finite number >= 0, got {s.s_churn}"),
         (0 <= s.s_tmin < math.inf, f"--s-tmin must be a finite number >= 0, got {s.s_tmin}"),
