@@ -1,14 +1,19 @@
-"""Attention's memory layout on the CPU: SDPA on transposed views against contiguous [B, heads, N, d].
+"""Attention's kernels on the CPU: which computes softmax(q^T k / sqrt(d)) v fastest, at each shape.
 
     python bench/attention.py                 # this CPU's kernels, fp32 (and bf16 where native)
     python bench/attention.py --isa avx2      # as on an AVX2-only CPU
 
 ddpmkit's Attention2d computes q, k, v with a 1x1 convolution, so they come as [B, heads, d, N].
-`F.scaled_dot_product_attention` takes [B, heads, N, d]; given transposed views (d not at stride 1)
-it cannot use its fused (flash) CPU kernel and runs the unfused math path (bmm, softmax, and the
-masking checks around them). `models.layers.full_attention` makes them contiguous first. This script
-times both layouts, forward alone (sampling) and forward + backward (training), at the attention
-shapes of the models bench/speed.py measures (batch 64), each the best of several windows.
+Three ways to attend, all the same formula:
+- `view`: SDPA on transposed views (d not at stride 1). It cannot use its fused (flash) CPU kernel and
+  runs the unfused math path (bmm, softmax, and the masking checks around them). ddpmkit before 2026-12-02.
+- `fused`: `models.layers.fused_attention`, q, k, v copied to [B, heads, N, d], then SDPA's flash kernel.
+- `matmul`: `models.layers.matmul_attention`, two matmuls in the [B, heads, d, N] layout, scores and
+  softmax in fp32.
+`full_attention` (what Attention2d runs) picks between the last two by positions, dtype and whether a
+gradient is needed; the report marks its pick, and whether it was the fastest, for forward alone
+(sampling) and forward + backward (training), at the attention shapes of the models bench/speed.py
+measures (batch 64), each time the best of several windows.
 Writes bench/results/attention-<date>-<kernels>.{md,json}.
 """
 
@@ -27,7 +32,7 @@ import _measure
 import torch
 import torch.nn.functional as F
 
-from ddpmkit.models.layers import full_attention
+from ddpmkit.models.layers import _matmul_is_faster, fused_attention, matmul_attention
 
 HERE = Path(__file__).resolve().parent
 ISA_ENV = _measure.ISA_ENV
@@ -37,18 +42,24 @@ SHAPES = [
     ("~ lucidrains at 28x28: 7x7", 120, 4, 7),
     ("~ diffusers at 28x28: 14x14", 72, 4, 14),
     ("~ diffusers at 28x28: 7x7", 144, 4, 7),
+    ("colour 32x32, attention at 8x8", 64, 4, 8),
     ("colour 32x32, attention at 16x16", 64, 4, 16),
     ("colour 64x64, attention at 32x32", 64, 4, 32),
 ]
 
 
 def view(q, k, v):
-    """SDPA on transposed views of [B, heads, d, N]: the math path (ddpmkit before the change)."""
+    """SDPA on transposed views of [B, heads, d, N]: the math path (ddpmkit before 2026-12-02)."""
     q, k, v = (z.transpose(-1, -2) for z in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
 
 
-LAYOUTS = {"view": view, "contiguous": full_attention}  # the second: what Attention2d runs now
+KERNELS = {"view": view, "fused": fused_attention, "matmul": matmul_attention}
+
+
+def pick(x: torch.Tensor, grad: bool) -> str:
+    """The kernel full_attention runs for q like x[:, 0], with or without a gradient."""
+    return "matmul" if _matmul_is_faster(x[:, 0].detach().requires_grad_(grad)) else "fused"
 
 
 def time_ms(fn, seconds: float, windows: int) -> float:
@@ -69,15 +80,15 @@ def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     rows = []
     for what, channels, heads, side in SHAPES:
-        qkv = torch.randn(spec["batch"], 3, heads, channels // heads, side * side)
+        qkv = 2 * torch.randn(spec["batch"], 3, heads, channels // heads, side * side)
         for dtype in spec["dtypes"]:
             row = {"what": what, "channels": channels, "heads": heads, "side": side, "dtype": dtype}
-            ref = None
-            for name, attend in LAYOUTS.items():
-                x = qkv.to(getattr(torch, dtype))
+            x = qkv.to(getattr(torch, dtype))
+            exact = matmul_attention(*x.double().unbind(1))
+            row["pick_forward"], row["pick_train"] = pick(x, False), pick(x, True)
+            for name, attend in KERNELS.items():
                 out = attend(*x.unbind(1))
-                ref = out if ref is None else ref
-                row[f"{name}_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
+                row[f"{name}_rel_error"] = float((out.double() - exact).norm() / exact.norm())
 
                 def forward(attend=attend, x=x):
                     with torch.no_grad():
@@ -85,7 +96,7 @@ def worker(spec: dict) -> dict:
 
                 def train(attend=attend, x=x):
                     leaf = x.detach().requires_grad_(True)
-                    attend(*leaf.unbind(1)).sum().backward()
+                    attend(*leaf.unbind(1)).float().sum().backward()
 
                 row[f"{name}_forward_ms"] = time_ms(forward, spec["seconds"], spec["windows"])
                 row[f"{name}_train_ms"] = time_ms(train, spec["seconds"], spec["windows"])
@@ -93,35 +104,51 @@ def worker(spec: dict) -> dict:
     return {"rows": rows, "capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def cell(row: dict, kind: str) -> str:
+    """'view / fused / matmul' milliseconds, full_attention's pick in bold."""
+    return " / ".join(
+        f"**{row[f'{k}_{kind}_ms']:.2f}**" if k == row[f"pick_{kind}"] else f"{row[f'{k}_{kind}_ms']:.2f}"
+        for k in KERNELS
+    )
+
+
+def pick_speed(row: dict, kind: str) -> str:
+    """How the pick compares with the fastest kernel: 'fastest', or the fastest's speed-up over it."""
+    times = {k: row[f"{k}_{kind}_ms"] for k in KERNELS}
+    best = min(times, key=times.get)
+    return "fastest" if best == row[f"pick_{kind}"] else f"{best} {times[row[f'pick_{kind}']] / times[best]:.2f}x"
+
+
 def report(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"# Attention's layout on the CPU, {result['date']}",
+        f"# Attention's kernels on the CPU, {result['date']}",
         "",
         f"Command: `{result['command']}`",
         "",
         *([_measure.busy_warning(m), ""] if _measure.busy_warning(m) else []),
         f"Machine: {m['cpu']}, {m['cores']} cores, instruction sets {', '.join(m['isa'])}, torch {m['torch']}, "
         f"{result['threads']} threads; kernels: {result['capability']}. Batch {result['batch']}; each time the "
-        f"best of {result['windows']} windows of {result['seconds']:g} s. `view`: SDPA on transposed views "
-        "(ddpmkit before this change); `contiguous`: q, k, v copied to [B, heads, N, d] first (now).",
+        f"best of {result['windows']} windows of {result['seconds']:g} s. Kernels (bench/attention.py's "
+        "docstring): `view` SDPA on transposed views (its math path; ddpmkit before 2026-12-02), `fused` "
+        "SDPA's flash kernel on contiguous q, k, v, `matmul` two matmuls with fp32 scores. **Bold**: what "
+        "`full_attention` runs. Error: relative to fp64, q, k, v ~ N(0, 4).",
         "",
-        "| attention at | C, heads, d | N | dtype | forward ms: view / contiguous | speed-up | "
-        "forward + backward ms: view / contiguous | speed-up | max abs diff |",
+        "| attention at | C, heads, d | N | dtype | forward ms: view / fused / matmul | pick | "
+        "forward + backward ms: view / fused / matmul | pick | rel. error: fused / matmul |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        f, t = (r["view_forward_ms"], r["contiguous_forward_ms"]), (r["view_train_ms"], r["contiguous_train_ms"])
         lines.append(
             f"| {r['what']} | {r['channels']}, {r['heads']}, {r['channels'] // r['heads']} | {r['side'] ** 2} "
-            f"| {r['dtype']} | {f[0]:.2f} / {f[1]:.2f} | {f[0] / f[1]:.2f}x | {t[0]:.2f} / {t[1]:.2f} "
-            f"| {t[0] / t[1]:.2f}x | {r['contiguous_max_abs_diff']:.1e} |"
+            f"| {r['dtype']} | {cell(r, 'forward')} | {pick_speed(r, 'forward')} | {cell(r, 'train')} "
+            f"| {pick_speed(r, 'train')} | {r['fused_rel_error']:.1e} / {r['matmul_rel_error']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="SDPA on transposed views against contiguous q, k, v (CPU).")
+    p = argparse.ArgumentParser(description="Attention's kernels on the CPU: SDPA on views, fused, two matmuls.")
     p.add_argument("--isa", choices=sorted(ISA_ENV), default="native", help="native, or avx2 (emulated)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)

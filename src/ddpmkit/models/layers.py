@@ -173,14 +173,45 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
+# At or below this many positions (8x8) a CPU runs attention faster as two matmuls than with SDPA's
+# fused kernel: 1.1-3x forward in fp32 and bf16, 4-6x forward + backward in bf16, whose fused backward
+# is slow at small N (bench/attention.py). fp32 training stays fused: there the two are within 0.7-1.2x.
+MATMUL_ATTENTION_MAX_POSITIONS = 64
+
+
 def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q^T k / sqrt(d)) v over positions; q, k, v and the result are [B, heads, d, N].
 
-    SDPA takes [B, heads, N, d]. Made contiguous there, so that PyTorch's fused (flash) kernel may run:
-    it needs d at stride 1, and a transposed view sends SDPA to its unfused math path, which on a CPU
-    is 3-7x slower at 14x14 positions and above (bench/results/attention-*.md, bench/attention.py)."""
+    The same formula by whichever kernel is faster here (bench/attention.py): two matmuls for a
+    few positions on a CPU (`matmul_attention`), else PyTorch's fused kernel (`fused_attention`)."""
+    return matmul_attention(q, k, v) if _matmul_is_faster(q) else fused_attention(q, k, v)
+
+
+def _matmul_is_faster(q: Tensor) -> bool:
+    training = torch.is_grad_enabled() and q.requires_grad
+    small = q.shape[-1] <= MATMUL_ATTENTION_MAX_POSITIONS
+    return q.device.type == "cpu" and small and (q.dtype == torch.bfloat16 or not training)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """full_attention by SDPA, which takes [B, heads, N, d].
+
+    Made contiguous there, so that PyTorch's fused (flash) kernel may run: it needs d at stride 1, and
+    a transposed view sends SDPA to its unfused math path, which on a CPU is 3-7x slower at 14x14
+    positions and above (bench/results/attention-*.md, bench/attention.py)."""
     q, k, v = (z.transpose(-1, -2).contiguous() for z in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """full_attention as two matmuls in the [B, heads, d, N] layout (no copies). The scores and the
+    softmax are fp32, as the fused kernel keeps them (bf16 scores would round logits of ~20 by ~0.06);
+    the weights take v's dtype for the second matmul."""
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(wide) * q.shape[-2] ** -0.5).transpose(-1, -2) @ k.to(wide)  # s_ij = q_i.k_j / sqrt(d)
+        weights = scores.softmax(dim=-1).to(v.dtype)  # a_ij = softmax_j(s_ij)
+        return v @ weights.transpose(-1, -2)  # out_i = sum_j a_ij v_j
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
