@@ -11,7 +11,8 @@ Three ways to attend, all the same formula:
 - `matmul`: `models.layers.matmul_attention`, two matmuls in the [B, heads, d, N] layout, scores and
   softmax in fp32.
 `full_attention` (what Attention2d runs) picks between the last two by positions, dtype and whether a
-gradient is needed; the report marks its pick, and whether it was the fastest, for forward alone
+gradient is needed (the rule was settled with bench/speed.py in the model, docs/speed.md); the report
+marks its pick, and whether it was the fastest, for forward alone
 (sampling) and forward + backward (training), at the attention shapes of the models bench/speed.py
 measures (batch 64), each time the best of several windows.
 Writes bench/results/attention-<date>-<kernels>.{md,json}.

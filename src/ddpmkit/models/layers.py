@@ -173,24 +173,26 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
-# At or below this many positions (8x8) a CPU runs attention faster as two matmuls than with SDPA's
-# fused kernel: 1.1-3x forward in fp32 and bf16, 4-6x forward + backward in bf16, whose fused backward
-# is slow at small N (bench/attention.py). fp32 training stays fused: there the two are within 0.7-1.2x.
+# At or below this many positions (8x8), bf16 training on a CPU runs attention faster as two matmuls
+# than with SDPA's fused kernel, whose bf16 backward is slow at small N: 3-6x per call forward +
+# backward (bench/attention.py), 1.06-1.27x per training step of the default model (bench/speed.py,
+# two before/after pairs). The matmuls were also faster per call forward alone (1.7-2.9x), yet model
+# sampling measured 0.76-0.91x with them, so sampling and fp32 training stay fused.
 MATMUL_ATTENTION_MAX_POSITIONS = 64
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q^T k / sqrt(d)) v over positions; q, k, v and the result are [B, heads, d, N].
 
-    The same formula by whichever kernel is faster here (bench/attention.py): two matmuls for a
-    few positions on a CPU (`matmul_attention`), else PyTorch's fused kernel (`fused_attention`)."""
+    The same formula by whichever kernel measured faster: two matmuls (`matmul_attention`) for bf16
+    training at a few positions on a CPU, else PyTorch's fused kernel (`fused_attention`)."""
     return matmul_attention(q, k, v) if _matmul_is_faster(q) else fused_attention(q, k, v)
 
 
 def _matmul_is_faster(q: Tensor) -> bool:
     training = torch.is_grad_enabled() and q.requires_grad
     small = q.shape[-1] <= MATMUL_ATTENTION_MAX_POSITIONS
-    return q.device.type == "cpu" and small and (q.dtype == torch.bfloat16 or not training)
+    return q.device.type == "cpu" and small and q.dtype == torch.bfloat16 and training
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
