@@ -228,14 +228,13 @@ def test_full_attention_picks_the_faster_cpu_kernel(side, dtype, grad, kernel):
 
 def test_matmul_attention_equals_the_fused_kernel_with_gradients():
     q, k, v = (torch.randn(3, 2, 5, 49, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    for attend in (matmul_attention, fused_attention):
+
+    def output_and_grads(attend):
         out = attend(q, k, v)
-        grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
-        if attend is matmul_attention:
-            expected = out, grads
-    torch.testing.assert_close(out, expected[0])
-    for g, e in zip(grads, expected[1], strict=True):
-        torch.testing.assert_close(g, e)
+        return (out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v)))
+
+    for got, expected in zip(output_and_grads(fused_attention), output_and_grads(matmul_attention), strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 def test_matmul_attention_in_bf16_is_as_accurate_as_the_fused_kernel():
