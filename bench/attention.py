@@ -8,9 +8,11 @@ Three ways to attend, all the same formula:
 - `view`: SDPA on transposed views (d not at stride 1). It cannot use its fused (flash) CPU kernel and
   runs the unfused math path (bmm, softmax, and the masking checks around them). ddpmkit before 2026-12-02.
 - `fused`: `models.layers.fused_attention`, q, k, v copied to [B, heads, N, d], then SDPA's flash kernel.
+- `fused_fp32`: `models.layers.fused_fp32_attention`, the same on fp32 copies (differs from `fused`
+  in bf16 only).
 - `matmul`: `models.layers.matmul_attention`, two matmuls in the [B, heads, d, N] layout, scores and
   softmax in fp32.
-`full_attention` (what Attention2d runs) picks between the last two by positions, dtype and whether a
+`full_attention` (what Attention2d runs) picks among the last three by positions, dtype and whether a
 gradient is needed (the rule was settled with bench/speed.py in the model, docs/speed.md); the report
 marks its pick, and whether it was the fastest, for forward alone
 (sampling) and forward + backward (training), at the attention shapes of the models bench/speed.py
@@ -33,7 +35,7 @@ import _measure
 import torch
 import torch.nn.functional as F
 
-from ddpmkit.models.layers import _matmul_is_faster, fused_attention, matmul_attention
+from ddpmkit.models.layers import cpu_attention_kernel, fused_attention, fused_fp32_attention, matmul_attention
 
 HERE = Path(__file__).resolve().parent
 ISA_ENV = _measure.ISA_ENV
@@ -55,12 +57,12 @@ def view(q, k, v):
     return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
 
 
-KERNELS = {"view": view, "fused": fused_attention, "matmul": matmul_attention}
+KERNELS = {"view": view, "fused": fused_attention, "fused_fp32": fused_fp32_attention, "matmul": matmul_attention}
 
 
 def pick(x: torch.Tensor, grad: bool) -> str:
     """The kernel full_attention runs for q like x[:, 0], with or without a gradient."""
-    return "matmul" if _matmul_is_faster(x[:, 0].detach().requires_grad_(grad)) else "fused"
+    return cpu_attention_kernel(x[:, 0].detach().requires_grad_(grad))
 
 
 def time_ms(fn, seconds: float, windows: int) -> float:
@@ -106,7 +108,7 @@ def worker(spec: dict) -> dict:
 
 
 def cell(row: dict, kind: str) -> str:
-    """'view / fused / matmul' milliseconds, full_attention's pick in bold."""
+    """'view / fused / fused_fp32 / matmul' milliseconds, full_attention's pick in bold."""
     return " / ".join(
         f"**{row[f'{k}_{kind}_ms']:.2f}**" if k == row[f"pick_{kind}"] else f"{row[f'{k}_{kind}_ms']:.2f}"
         for k in KERNELS
@@ -132,24 +134,29 @@ def report(result: dict) -> str:
         f"{result['threads']} threads; kernels: {result['capability']}. Batch {result['batch']}; each time the "
         f"best of {result['windows']} windows of {result['seconds']:g} s. Kernels (bench/attention.py's "
         "docstring): `view` SDPA on transposed views (its math path; ddpmkit before 2026-12-02), `fused` "
-        "SDPA's flash kernel on contiguous q, k, v, `matmul` two matmuls with fp32 scores. **Bold**: what "
+        "SDPA's flash kernel on contiguous q, k, v, `fused_fp32` the same on fp32 copies, `matmul` two matmuls "
+        "with fp32 scores. **Bold**: what "
         "`full_attention` runs. Error: relative to fp64, q, k, v ~ N(0, 4).",
         "",
-        "| attention at | C, heads, d | N | dtype | forward ms: view / fused / matmul | pick | "
-        "forward + backward ms: view / fused / matmul | pick | rel. error: fused / matmul |",
+        "| attention at | C, heads, d | N | dtype | forward ms: view / fused / fused_fp32 / matmul | pick | "
+        "forward + backward ms: view / fused / fused_fp32 / matmul | pick | rel. error: fused / fused_fp32 "
+        "/ matmul |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        errors = " / ".join(f"{r[f'{k}_rel_error']:.1e}" for k in ("fused", "fused_fp32", "matmul"))
         lines.append(
             f"| {r['what']} | {r['channels']}, {r['heads']}, {r['channels'] // r['heads']} | {r['side'] ** 2} "
             f"| {r['dtype']} | {cell(r, 'forward')} | {pick_speed(r, 'forward')} | {cell(r, 'train')} "
-            f"| {pick_speed(r, 'train')} | {r['fused_rel_error']:.1e} / {r['matmul_rel_error']:.1e} |"
+            f"| {pick_speed(r, 'train')} | {errors} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Attention's kernels on the CPU: SDPA on views, fused, two matmuls.")
+    p = argparse.ArgumentParser(
+        description="Attention's kernels on the CPU: SDPA on views, fused (bf16 or fp32), two matmuls."
+    )
     p.add_argument("--isa", choices=sorted(ISA_ENV), default="native", help="native, or avx2 (emulated)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)

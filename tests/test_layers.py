@@ -17,6 +17,7 @@ from ddpmkit.models.layers import (
     TimestepEmbedder,
     Upsample,
     fused_attention,
+    fused_fp32_attention,
     group_count,
     matmul_attention,
 )
@@ -203,18 +204,30 @@ FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
     [
         (10, torch.float32, False, "fused"),  # 100 positions: the fused kernel, forward and training
         (10, torch.float32, True, "fused"),
-        (10, torch.bfloat16, True, "fused"),
+        (10, torch.bfloat16, False, "fused"),
+        (10, torch.bfloat16, True, "fused_fp32"),  # bf16 training up to 16x16: the fp32 backward is faster
+        (16, torch.bfloat16, True, "fused_fp32"),
+        (17, torch.bfloat16, True, "fused"),  # beyond 16x16 the bf16 kernel wins again
+        (16, torch.bfloat16, False, "fused"),  # sampling: bf16 forward is as fast
         (8, torch.bfloat16, True, "matmul"),  # 64 positions, bf16 training: the fused backward is slow there
         (8, torch.float32, True, "fused"),  # fp32 training: within noise, so the fused kernel stays
         (8, torch.bfloat16, False, "fused"),  # sampling: the matmuls measured slower in the model
         (8, torch.float32, False, "fused"),
     ],
 )
-def test_full_attention_picks_the_faster_cpu_kernel(side, dtype, grad, kernel):
+def test_full_attention_picks_the_faster_cpu_kernel(side, dtype, grad, kernel, monkeypatch):
     """The measured choice: never SDPA on transposed views (its math path, 3-7x slower at 14x14
-    positions and above); two matmuls for bf16 training at <= 64 positions, else the fused kernel."""
+    positions and above); in bf16 training two matmuls at <= 64 positions and the fused kernel in fp32
+    up to 256, else the fused kernel in the input's dtype."""
     from torch.profiler import ProfilerActivity, profile
 
+    sdpa, sdpa_dtypes = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):
+        sdpa_dtypes.append(q.dtype)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     attn = perturb(Attention2d(16, num_heads=2, kind="full", groups=2)).to(dtype)
     x = torch.randn(2, 16, side, side, dtype=dtype, requires_grad=grad)
     with profile(activities=[ProfilerActivity.CPU]) as prof, torch.set_grad_enabled(grad):
@@ -222,8 +235,26 @@ def test_full_attention_picks_the_faster_cpu_kernel(side, dtype, grad, kernel):
         if grad:
             out.float().sum().backward()
     ops = {e.key for e in prof.key_averages()}
-    assert (FLASH in ops) == (kernel == "fused")
+    assert (FLASH in ops) == (kernel != "matmul")
     assert ("aten::_softmax" in ops) == (kernel == "matmul")  # SDPA's math path would show it too
+    expected = {"matmul": [], "fused_fp32": [torch.float32], "fused": [dtype]}[kernel]
+    assert sdpa_dtypes == expected
+    assert out.dtype == dtype
+
+
+def test_fused_fp32_attention_in_bf16_training_matches_the_fused_kernel():
+    """The fp32 detour changes the kernel, not the maths: output and gradients agree with the bf16
+    fused kernel to bf16's rounding, and come back in bf16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 196).bfloat16().requires_grad_(True) for _ in range(3))
+
+    def output_and_grads(attend):
+        out = attend(q, k, v)
+        return (out, *torch.autograd.grad(out.float().pow(2).sum(), (q, k, v)))
+
+    for got, expected in zip(output_and_grads(fused_fp32_attention), output_and_grads(fused_attention), strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.05)
 
 
 def test_matmul_attention_equals_the_fused_kernel_with_gradients():

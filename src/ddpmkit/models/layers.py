@@ -179,20 +179,29 @@ class ResBlock(nn.Module):
 # two before/after pairs). The matmuls were also faster per call forward alone (1.7-2.9x), yet model
 # sampling measured 0.76-0.91x with them, so sampling and fp32 training stay fused.
 MATMUL_ATTENTION_MAX_POSITIONS = 64
+# Above that and up to 16x16, bf16 training runs the fused kernel in fp32: its fp32 backward beats its
+# bf16 one there (forward + backward 1.2-1.8x at 196-256 positions, bench/attention.py), while at
+# 32x32 the bf16 kernel is faster again. Forward alone (sampling) is as fast or faster in bf16.
+FP32_ATTENTION_MAX_POSITIONS = 256
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q^T k / sqrt(d)) v over positions; q, k, v and the result are [B, heads, d, N].
 
-    The same formula by whichever kernel measured faster: two matmuls (`matmul_attention`) for bf16
-    training at a few positions on a CPU, else PyTorch's fused kernel (`fused_attention`)."""
-    return matmul_attention(q, k, v) if _matmul_is_faster(q) else fused_attention(q, k, v)
+    The same formula by whichever kernel measured faster (`cpu_attention_kernel`): in bf16 training
+    on a CPU, two matmuls (`matmul_attention`) at a few positions or the fused kernel in fp32
+    (`fused_fp32_attention`) up to 16x16; else PyTorch's fused kernel (`fused_attention`)."""
+    return ATTENTION_KERNELS[cpu_attention_kernel(q)](q, k, v)
 
 
-def _matmul_is_faster(q: Tensor) -> bool:
+def cpu_attention_kernel(q: Tensor) -> str:
+    """The name of the kernel full_attention runs for q: "matmul", "fused_fp32" or "fused"."""
     training = torch.is_grad_enabled() and q.requires_grad
-    small = q.shape[-1] <= MATMUL_ATTENTION_MAX_POSITIONS
-    return q.device.type == "cpu" and small and q.dtype == torch.bfloat16 and training
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not training:
+        return "fused"
+    if q.shape[-1] <= MATMUL_ATTENTION_MAX_POSITIONS:
+        return "matmul"
+    return "fused_fp32" if q.shape[-1] <= FP32_ATTENTION_MAX_POSITIONS else "fused"
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -214,6 +223,16 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scores = (q.to(wide) * q.shape[-2] ** -0.5).transpose(-1, -2) @ k.to(wide)  # s_ij = q_i.k_j / sqrt(d)
         weights = scores.softmax(dim=-1).to(v.dtype)  # a_ij = softmax_j(s_ij)
         return v @ weights.transpose(-1, -2)  # out_i = sum_j a_ij v_j
+
+
+def fused_fp32_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """fused_attention on fp32 copies of q, k, v (autocast off); the result in q's dtype."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        return fused_attention(q.to(wide), k.to(wide), v.to(wide)).to(q.dtype)
+
+
+ATTENTION_KERNELS = {"matmul": matmul_attention, "fused_fp32": fused_fp32_attention, "fused": fused_attention}
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
