@@ -35,7 +35,7 @@ import _measure
 import torch
 import torch.nn.functional as F
 
-from ddpmkit.models.layers import cpu_attention_kernel, fused_attention, fused_fp32_attention, matmul_attention
+from ddpmkit.models.layers import ATTENTION_KERNELS, cpu_attention_kernel, matmul_attention
 
 HERE = Path(__file__).resolve().parent
 ISA_ENV = _measure.ISA_ENV
@@ -57,7 +57,7 @@ def view(q, k, v):
     return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
 
 
-KERNELS = {"view": view, "fused": fused_attention, "fused_fp32": fused_fp32_attention, "matmul": matmul_attention}
+KERNELS = {"view": view, **ATTENTION_KERNELS}  # the others: what full_attention picks from
 
 
 def pick(x: torch.Tensor, grad: bool) -> str:
@@ -108,7 +108,7 @@ def worker(spec: dict) -> dict:
 
 
 def cell(row: dict, kind: str) -> str:
-    """'view / fused / fused_fp32 / matmul' milliseconds, full_attention's pick in bold."""
+    """Each kernel's milliseconds in KERNELS' order, full_attention's pick in bold."""
     return " / ".join(
         f"**{row[f'{k}_{kind}_ms']:.2f}**" if k == row[f"pick_{kind}"] else f"{row[f'{k}_{kind}_ms']:.2f}"
         for k in KERNELS
@@ -138,13 +138,12 @@ def report(result: dict) -> str:
         "with fp32 scores. **Bold**: what "
         "`full_attention` runs. Error: relative to fp64, q, k, v ~ N(0, 4).",
         "",
-        "| attention at | C, heads, d | N | dtype | forward ms: view / fused / fused_fp32 / matmul | pick | "
-        "forward + backward ms: view / fused / fused_fp32 / matmul | pick | rel. error: fused / fused_fp32 "
-        "/ matmul |",
+        f"| attention at | C, heads, d | N | dtype | forward ms: {' / '.join(KERNELS)} | pick | "
+        f"forward + backward ms: {' / '.join(KERNELS)} | pick | rel. error: {' / '.join(ATTENTION_KERNELS)} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        errors = " / ".join(f"{r[f'{k}_rel_error']:.1e}" for k in ("fused", "fused_fp32", "matmul"))
+        errors = " / ".join(f"{r[f'{k}_rel_error']:.1e}" for k in ATTENTION_KERNELS)
         lines.append(
             f"| {r['what']} | {r['channels']}, {r['heads']}, {r['channels'] // r['heads']} | {r['side'] ** 2} "
             f"| {r['dtype']} | {cell(r, 'forward')} | {pick_speed(r, 'forward')} | {cell(r, 'train')} "

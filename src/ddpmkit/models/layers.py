@@ -180,8 +180,8 @@ class ResBlock(nn.Module):
 # sampling measured 0.76-0.91x with them, so sampling and fp32 training stay fused.
 MATMUL_ATTENTION_MAX_POSITIONS = 64
 # Above that and up to 16x16, bf16 training runs the fused kernel in fp32: its fp32 backward beats its
-# bf16 one there (forward + backward 1.2-1.8x at 196-256 positions, bench/attention.py), while at
-# 32x32 the bf16 kernel is faster again. Forward alone (sampling) is as fast or faster in bf16.
+# bf16 one there (forward + backward 1.42x at 196 positions, 1.13x at 256: bench/attention.py), while
+# at 32x32 the bf16 kernel is faster again (0.82x). Forward alone (sampling) is as fast or faster in bf16.
 FP32_ATTENTION_MAX_POSITIONS = 256
 
 
@@ -232,7 +232,7 @@ def fused_fp32_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return fused_attention(q.to(wide), k.to(wide), v.to(wide)).to(q.dtype)
 
 
-ATTENTION_KERNELS = {"matmul": matmul_attention, "fused_fp32": fused_fp32_attention, "fused": fused_attention}
+ATTENTION_KERNELS = {"fused": fused_attention, "fused_fp32": fused_fp32_attention, "matmul": matmul_attention}
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
