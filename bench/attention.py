@@ -11,12 +11,16 @@ Three ways to attend, all the same formula:
 - `fused_fp32`: `models.layers.fused_fp32_attention`, the same on fp32 copies (differs from `fused`
   in bf16 only).
 - `matmul`: `models.layers.matmul_attention`, two matmuls in the [B, heads, d, N] layout, scores and
-  softmax in fp32.
+  softmax in fp32, a few images at a time so that the scores stay in cache (since 2026-12-03, second
+  session; before, the whole batch at once).
 `full_attention` (what Attention2d runs) picks among the last three by positions, dtype and whether a
-gradient is needed (the rule was settled with bench/speed.py in the model, docs/speed.md); the report
-marks its pick, and whether it was the fastest, for forward alone
+gradient is needed; the report marks its pick, and whether it was the fastest, for forward alone
 (sampling) and forward + backward (training), at the attention shapes of the models bench/speed.py
 measures (batch 64), each time the best of several windows.
+A second table checks the forward-pass rule where it counts, in the model: the forward pass of each
+network bench/speed.py measures at 1x28x28 (default, lucidrains- and diffusers-matched; batch 64,
+no gradient), with full_attention's pick against SDPA's fused kernel everywhere, in interleaved
+rounds in one process (the machine's drift hits both alike), the best round of each.
 Writes bench/results/attention-<date>-<kernels>.{md,json}.
 """
 
@@ -82,7 +86,7 @@ def worker(spec: dict) -> dict:
     _measure.set_threads(spec["threads"])
     torch.manual_seed(0)
     rows = []
-    for what, channels, heads, side in SHAPES:
+    for what, channels, heads, side in [] if spec.get("model_only") else SHAPES:
         qkv = 2 * torch.randn(spec["batch"], 3, heads, channels // heads, side * side)
         for dtype in spec["dtypes"]:
             row = {"what": what, "channels": channels, "heads": heads, "side": side, "dtype": dtype}
@@ -104,7 +108,46 @@ def worker(spec: dict) -> dict:
                 row[f"{name}_forward_ms"] = time_ms(forward, spec["seconds"], spec["windows"])
                 row[f"{name}_train_ms"] = time_ms(train, spec["seconds"], spec["windows"])
             rows.append(row)
-    return {"rows": rows, "capability": torch.backends.cpu.get_cpu_capability()}
+    return {"rows": rows, "model_rows": model_rows(spec), "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+FORWARD_RULES = {  # the in-model table's columns: full_attention's pick, and two rules for forward passes
+    "pick": lambda picked: picked,
+    "fused": lambda picked: lambda q: "fused",
+    "matmul": lambda picked: lambda q: "matmul" if q.shape[-1] <= 256 and not q.requires_grad else picked(q),
+}
+
+
+def model_rows(spec: dict) -> list[dict]:
+    """Forward passes of the 1x28x28 networks with full_attention's pick and with "fused" everywhere."""
+    import speed
+
+    from ddpmkit.models import layers
+    from ddpmkit.run.build import net as build_net
+
+    picked = layers.cpu_attention_kernel
+    rows = []
+    for name in ("default", "lucidrains", "diffusers"):
+        if name == "default":
+            model = speed.default_model(28)
+        else:
+            model = speed.reference_matched(name, speed.PARAMS_1X28[name])[0]
+        net = build_net(speed.ddpmkit_config(model, False, "fp32", speed.QUICK)).eval()
+        x, t = torch.randn(spec["batch"], 1, 28, 28), torch.randint(0, 1000, (spec["batch"],))
+        for dtype in spec["dtypes"]:
+
+            def forward(net=net, x=x, t=t, bf16=dtype == "bfloat16"):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    net(x, t)
+
+            times = {"pick": [], "fused": [], "matmul": []}
+            for _ in range(spec["rounds"]):
+                for kernel in times:
+                    layers.cpu_attention_kernel = FORWARD_RULES[kernel](picked)
+                    times[kernel].append(time_ms(forward, spec["seconds"], 1))
+            layers.cpu_attention_kernel = picked
+            rows.append({"model": name, "dtype": dtype, **{f"{k}_ms": min(v) for k, v in times.items()}})
+    return rows
 
 
 def cell(row: dict, kind: str) -> str:
@@ -135,7 +178,7 @@ def report(result: dict) -> str:
         f"best of {result['windows']} windows of {result['seconds']:g} s. Kernels (bench/attention.py's "
         "docstring): `view` SDPA on transposed views (its math path; ddpmkit before 2026-12-02), `fused` "
         "SDPA's flash kernel on contiguous q, k, v, `fused_fp32` the same on fp32 copies, `matmul` two matmuls "
-        "with fp32 scores. **Bold**: what "
+        "with fp32 scores, a few images at a time. **Bold**: what "
         "`full_attention` runs. Error: relative to fp64, q, k, v ~ N(0, 4).",
         "",
         f"| attention at | C, heads, d | N | dtype | forward ms: {' / '.join(KERNELS)} | pick | "
@@ -149,6 +192,23 @@ def report(result: dict) -> str:
             f"| {r['dtype']} | {cell(r, 'forward')} | {pick_speed(r, 'forward')} | {cell(r, 'train')} "
             f"| {pick_speed(r, 'train')} | {errors} |"
         )
+    lines += [
+        "",
+        f"In the model: one forward pass of bench/speed.py's 1x28x28 networks (batch {result['batch']}, no "
+        f"gradient; bf16 as autocast), full_attention's pick against the fused kernel everywhere and "
+        f"against two matmuls up to 256 positions, {result['rounds']} interleaved rounds of "
+        f"{result['seconds']:g} s, the best of each:",
+        "",
+        "| network | dtype | ms with the pick | ms with fused | ms with matmul <= 256 | pick vs fused | "
+        "pick vs matmul |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result.get("model_rows", []):
+        pick, fused, matmul = r["pick_ms"], r["fused_ms"], r["matmul_ms"]
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {pick:.1f} | {fused:.1f} | {matmul:.1f} | {fused / pick:.2f}x | "
+            f"{matmul / pick:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=1.0, help="length of one timing window (1.0)")
     p.add_argument("--windows", type=int, default=3, help="timing windows; the best is kept (3)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the in-model table (4)")
+    p.add_argument("--model-only", action="store_true", help="only the in-model table (a few minutes)")
     p.add_argument("--results-dir", default=str(HERE / "results"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -182,6 +244,8 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "seconds": args.seconds,
         "windows": args.windows,
+        "rounds": args.rounds,
+        "model_only": args.model_only,
         "dtypes": dtypes,
     }
     proc = subprocess.run(
@@ -201,7 +265,8 @@ def main(argv=None) -> int:
         **spec,
         **_measure.parse_result(proc.stdout),
     }
-    stem = Path(args.results_dir) / f"attention-{date}-{result['capability'].lower()}"
+    only = "-model-only" if args.model_only else ""  # never overwrites a full report
+    stem = Path(args.results_dir) / f"attention-{date}-{result['capability'].lower()}{only}"
     _measure.write_report(stem, result, report(result))
     return 0
 

@@ -36,6 +36,9 @@ REFERENCES = {  # the reference's width multipliers and the levels (0 = full siz
     "diffusers": {"channel_mults": (1, 2, 4), "attn_levels": (1, 2)},  # 14 and 7 at 28, 16 and 8 at 32
 }
 FASHION = (1, 28)  # (channels, size) of the default input
+# _refs.lucidrains_params() and _refs.diffusers_params() at 1x28x28, for benches that match a model
+# without the references installed (bench/variants.py, bench/attention.py)
+PARAMS_1X28 = {"lucidrains": 2_607_681, "diffusers": 4_023_233}
 
 
 def attention_sizes(levels: tuple, size: int) -> tuple:

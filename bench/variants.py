@@ -3,6 +3,7 @@
     python bench/variants.py                                  # the default model, precision auto, native kernels
     python bench/variants.py --isa avx2 --precision fp32      # as on an AVX2-only CPU (see bench/breakdown.py)
     python bench/variants.py --model lucidrains --rows default,channels_last
+    python bench/variants.py --model diffusers --rows default,fused_forward_attention,default,fused_forward_attention
 
 Each row builds `ddpmkit.train.Trainer` on synthetic data (batch 64) and times Trainer.train_step
 like bench/speed.py (median of timed windows after a warm-up), then sampling with the run's default
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import _measure
+import speed
 import torch
 from _measure import FULL
 
@@ -37,12 +39,12 @@ VARIANTS = {  # row -> what changes
     "frozen_cold": "sampling only: torch.compile with freezing (weights as constants, convolutions prepacked)",
     "frozen_warm": "sampling only, frozen compile, the cache the cold row left",
     "l_simple": "--min-snr-gamma off (L_simple): the weighting's cost",
+    "fused_forward_attention": "bf16 forward passes attend by SDPA's fused kernel (ddpmkit until 2026-12-03) "
+    "instead of two matmuls a few images at a time",
 }
 
 
 def worker(spec: dict) -> dict:
-    import speed
-
     from ddpmkit.run import build
     from ddpmkit.run.config import resolve
     from ddpmkit.run.sampling import default_labels, generate
@@ -50,6 +52,15 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     variant = spec["variant"]
+    if variant == "fused_forward_attention":
+        from ddpmkit.models import layers
+
+        picked = layers.cpu_attention_kernel
+
+        def fused_forward(q):
+            return picked(q) if torch.is_grad_enabled() and q.requires_grad else "fused"
+
+        layers.cpu_attention_kernel = fused_forward
     if spec["model"] == "default":
         model, conditional = speed.default_model(28), True
     else:
@@ -104,8 +115,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Speed variants of one model.")
     p.add_argument("--isa", choices=sorted(ISA_ENV), default="native", help="native, or avx2 (emulated)")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (auto)")
-    p.add_argument("--model", choices=("default", "lucidrains"), default="default")
-    p.add_argument("--rows", help=f"a comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--model", choices=("default", "lucidrains", "diffusers"), default="default")
+    p.add_argument("--rows", help=f"a comma-separated subset of {', '.join(VARIANTS)} (a row named twice runs twice)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results-dir", default=str(HERE / "results"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -137,7 +148,7 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "precision": args.precision,
             "model": args.model,
-            "target": 2_607_681,
+            "target": speed.PARAMS_1X28.get(args.model),
         }
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(

@@ -204,21 +204,22 @@ FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
     [
         (10, torch.float32, False, "fused"),  # 100 positions: the fused kernel, forward and training
         (10, torch.float32, True, "fused"),
-        (10, torch.bfloat16, False, "fused"),
+        (10, torch.bfloat16, False, "matmul"),  # bf16 forward up to 16x16: the matmuls, a few images at a time
         (10, torch.bfloat16, True, "fused_fp32"),  # bf16 training up to 16x16: the fp32 backward is faster
         (16, torch.bfloat16, True, "fused_fp32"),
         (17, torch.bfloat16, True, "fused"),  # beyond 16x16 the bf16 kernel wins again
-        (16, torch.bfloat16, False, "fused"),  # sampling: bf16 forward is as fast
+        (16, torch.bfloat16, False, "matmul"),
+        (17, torch.bfloat16, False, "fused"),  # beyond 16x16 the fused forward is faster
         (8, torch.bfloat16, True, "matmul"),  # 64 positions, bf16 training: the fused backward is slow there
         (8, torch.float32, True, "fused"),  # fp32 training: within noise, so the fused kernel stays
-        (8, torch.bfloat16, False, "fused"),  # sampling: the matmuls measured slower in the model
+        (8, torch.bfloat16, False, "matmul"),
         (8, torch.float32, False, "fused"),
     ],
 )
 def test_full_attention_picks_the_faster_cpu_kernel(side, dtype, grad, kernel, monkeypatch):
     """The measured choice: never SDPA on transposed views (its math path, 3-7x slower at 14x14
     positions and above); in bf16 training two matmuls at <= 64 positions and the fused kernel in fp32
-    up to 256, else the fused kernel in the input's dtype."""
+    up to 256, in bf16 forward passes two matmuls up to 256, else the fused kernel in the input's dtype."""
     from torch.profiler import ProfilerActivity, profile
 
     sdpa, sdpa_dtypes = F.scaled_dot_product_attention, []
@@ -266,6 +267,33 @@ def test_matmul_attention_equals_the_fused_kernel_with_gradients():
 
     for got, expected in zip(output_and_grads(fused_attention), output_and_grads(matmul_attention), strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_matmul_attention_goes_a_few_images_at_a_time_with_the_same_result(monkeypatch):
+    """The scores of a whole batch at 14x14 overflow a cache (39 MB for 64 images and 4 heads), so the
+    matmuls take as many images at a time as keep them within MATMUL_ATTENTION_CHUNK_BYTES: output and
+    gradients are those of the whole batch at once."""
+    import ddpmkit.models.layers as layers
+
+    calls = []
+    whole = layers._matmul_attention
+
+    def spy(q, k, v):
+        calls.append(q.shape[0])
+        return whole(q, k, v)
+
+    monkeypatch.setattr(layers, "_matmul_attention", spy)
+    q, k, v = (torch.randn(64, 4, 18, 196, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = matmul_attention(q, k, v)
+    assert calls == [6] * 10 + [4]  # 4 MiB // (4 heads * 196^2 * 4 bytes) = 6 images a time
+    expected = whole(q, k, v)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(expected.pow(2).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want)
+    calls.clear()
+    matmul_attention(*(z[:, :, :, :64].detach() for z in (q, k, v)))  # 8x8: the whole batch fits
+    assert calls == [64]
 
 
 def test_matmul_attention_in_bf16_is_as_accurate_as_the_fused_kernel():

@@ -176,32 +176,42 @@ class ResBlock(nn.Module):
 # At or below this many positions (8x8), bf16 training on a CPU runs attention faster as two matmuls
 # than with SDPA's fused kernel, whose bf16 backward is slow at small N: 3-6x per call forward +
 # backward (bench/attention.py), 1.06-1.27x per training step of the default model (bench/speed.py,
-# two before/after pairs). The matmuls were also faster per call forward alone (1.7-2.9x), yet model
-# sampling measured 0.76-0.91x with them, so sampling and fp32 training stay fused.
+# two before/after pairs).
 MATMUL_ATTENTION_MAX_POSITIONS = 64
 # Above that and up to 16x16, bf16 training runs the fused kernel in fp32: its fp32 backward beats its
 # bf16 one there (forward + backward 1.42x at 196 positions, 1.13x at 256: bench/attention.py), while
-# at 32x32 the bf16 kernel is faster again (0.82x). Forward alone (sampling) is as fast or faster in bf16.
+# at 32x32 the bf16 kernel is faster again (0.82x).
 FP32_ATTENTION_MAX_POSITIONS = 256
+# bf16 forward passes (sampling) up to 16x16 run the two matmuls, a few images at a time so that the
+# fp32 scores stay in cache (MATMUL_ATTENTION_CHUNK_BYTES). Unchunked, the scores of 64 images at
+# 14x14 (39 MB) fell out of cache and the matmuls measured 0.76-0.91x the fused kernel in model
+# sampling; chunked, a bf16 forward pass of the diffusers-matched network at 1x28x28 ran 1.08x faster
+# than with the fused kernel, the default and lucidrains-matched ones 1.04-1.05x (bench/attention.py's
+# in-model table, AVX-512 BF16, 2026-12-03).
+MATMUL_ATTENTION_CHUNK_BYTES = 4 << 20
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q^T k / sqrt(d)) v over positions; q, k, v and the result are [B, heads, d, N].
 
-    The same formula by whichever kernel measured faster (`cpu_attention_kernel`): in bf16 training
-    on a CPU, two matmuls (`matmul_attention`) at a few positions or the fused kernel in fp32
-    (`fused_fp32_attention`) up to 16x16; else PyTorch's fused kernel (`fused_attention`)."""
+    The same formula by whichever kernel measured faster (`cpu_attention_kernel`): in bf16 on a CPU,
+    two matmuls (`matmul_attention`) for training at a few positions and for forward passes up to
+    16x16, the fused kernel in fp32 (`fused_fp32_attention`) for training up to 16x16; else PyTorch's
+    fused kernel (`fused_attention`)."""
     return ATTENTION_KERNELS[cpu_attention_kernel(q)](q, k, v)
 
 
 def cpu_attention_kernel(q: Tensor) -> str:
     """The name of the kernel full_attention runs for q: "matmul", "fused_fp32" or "fused"."""
     training = torch.is_grad_enabled() and q.requires_grad
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not training:
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return "fused"
-    if q.shape[-1] <= MATMUL_ATTENTION_MAX_POSITIONS:
+    positions = q.shape[-1]
+    if not training:
+        return "matmul" if positions <= FP32_ATTENTION_MAX_POSITIONS else "fused"
+    if positions <= MATMUL_ATTENTION_MAX_POSITIONS:
         return "matmul"
-    return "fused_fp32" if q.shape[-1] <= FP32_ATTENTION_MAX_POSITIONS else "fused"
+    return "fused_fp32" if positions <= FP32_ATTENTION_MAX_POSITIONS else "fused"
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -215,9 +225,20 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """full_attention as two matmuls in the [B, heads, d, N] layout (no copies). The scores and the
-    softmax are fp32, as the fused kernel keeps them (bf16 scores would round logits of ~20 by ~0.06);
-    the weights take v's dtype for the second matmul."""
+    """full_attention as two matmuls in the [B, heads, d, N] layout (no copies), over as many images at
+    a time as keep the fp32 scores within MATMUL_ATTENTION_CHUNK_BYTES (a cache's worth)."""
+    b, heads, _, n = q.shape
+    per_image = heads * n * n * 4  # bytes of fp32 scores
+    chunk = max(1, MATMUL_ATTENTION_CHUNK_BYTES // per_image)
+    if chunk >= b:
+        return _matmul_attention(q, k, v)
+    parts = [_matmul_attention(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk]) for i in range(0, b, chunk)]
+    return torch.cat(parts)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The two matmuls. The scores and the softmax are fp32, as the fused kernel keeps them (bf16
+    scores would round logits of ~20 by ~0.06); the weights take v's dtype for the second matmul."""
     wide = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     with torch.autocast(q.device.type, enabled=False):
         scores = (q.to(wide) * q.shape[-2] ** -0.5).transpose(-1, -2) @ k.to(wide)  # s_ij = q_i.k_j / sqrt(d)
