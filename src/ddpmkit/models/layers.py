@@ -179,8 +179,8 @@ class ResBlock(nn.Module):
 # two before/after pairs).
 MATMUL_ATTENTION_MAX_POSITIONS = 64
 # Above that and up to 16x16, bf16 training runs the fused kernel in fp32: its fp32 backward beats its
-# bf16 one there (forward + backward 1.42x at 196 positions, 1.13x at 256: bench/attention.py), while
-# at 32x32 the bf16 kernel is faster again (0.82x).
+# bf16 one there (forward + backward 1.42-1.45x at 196 positions, 1.13-1.23x at 256 in two runs of
+# bench/attention.py), while at 32x32 the bf16 kernel is faster again (0.82x).
 FP32_ATTENTION_MAX_POSITIONS = 256
 # bf16 forward passes (sampling) up to 16x16 run the two matmuls, a few images at a time so that the
 # fp32 scores stay in cache (MATMUL_ATTENTION_CHUNK_BYTES). Unchunked, the scores of 64 images at
