@@ -422,3 +422,27 @@ def test_speed_refuses_an_unknown_reference(speed, capsys):
         speed.main(["--quick", "--references", "lucidrains,k-diffusion"])
     assert exit_info.value.code == 2
     assert "--references takes lucidrains and/or diffusers" in capsys.readouterr().err
+
+
+def test_attention_bench_times_each_forward_rule_in_the_model_and_restores_the_pick(speed, monkeypatch):
+    """The in-model table's columns run what they name (the fused kernel, or two matmuls up to 256
+    positions) and the library's own pick is back afterwards."""
+    from ddpmkit.models import layers
+
+    attention = _bench_module("attention")
+    picked, kernels = layers.cpu_attention_kernel, []
+    monkeypatch.setattr(attention, "time_ms", lambda fn, seconds, windows: (fn(), 1.0)[1])
+
+    def spy(name, kernel):
+        def run(q, k, v):
+            kernels.append(name)
+            return kernel(q, k, v)
+
+        return run
+
+    monkeypatch.setattr(layers, "ATTENTION_KERNELS", {n: spy(n, k) for n, k in layers.ATTENTION_KERNELS.items()})
+    rows = attention.model_rows({"batch": 2, "seconds": 0.0, "rounds": 1, "dtypes": ["float32"]})
+    assert [r["model"] for r in rows] == ["default", "lucidrains", "diffusers"]
+    assert all(r["pick_ms"] == r["fused_ms"] == r["matmul_ms"] == 1.0 for r in rows)
+    assert set(kernels) == {"fused", "matmul"}  # fp32: the pick and "fused" run fused, the matmul rule matmul
+    assert layers.cpu_attention_kernel is picked
