@@ -19,8 +19,10 @@ gradient is needed; the report marks its pick, and whether it was the fastest, f
 measures (batch 64), each time the best of several windows.
 A second table checks the forward-pass rule where it counts, in the model: the forward pass of each
 network bench/speed.py measures at 1x28x28 (default, lucidrains- and diffusers-matched; batch 64,
-no gradient), with full_attention's pick against SDPA's fused kernel everywhere, in interleaved
-rounds in one process (the machine's drift hits both alike), the best round of each.
+no gradient), with full_attention's pick, with SDPA's fused kernel everywhere and with two matmuls
+wherever a forward pass has at most MATMUL_FORWARD_MAX_POSITIONS (in fp32 too), in interleaved rounds
+in one process (the machine's drift hits all alike), the best round of each. `--model-only` runs
+only that table.
 Writes bench/results/attention-<date>-<kernels>.{md,json}.
 """
 
@@ -39,7 +41,12 @@ import _measure
 import torch
 import torch.nn.functional as F
 
-from ddpmkit.models.layers import ATTENTION_KERNELS, cpu_attention_kernel, matmul_attention
+from ddpmkit.models.layers import (
+    ATTENTION_KERNELS,
+    MATMUL_FORWARD_MAX_POSITIONS,
+    cpu_attention_kernel,
+    matmul_attention,
+)
 
 HERE = Path(__file__).resolve().parent
 ISA_ENV = _measure.ISA_ENV
@@ -114,12 +121,14 @@ def worker(spec: dict) -> dict:
 FORWARD_RULES = {  # the in-model table's columns: full_attention's pick, and two rules for forward passes
     "pick": lambda picked: picked,
     "fused": lambda picked: lambda q: "fused",
-    "matmul": lambda picked: lambda q: "matmul" if q.shape[-1] <= 256 and not q.requires_grad else picked(q),
+    "matmul": lambda picked: (
+        lambda q: "matmul" if q.shape[-1] <= MATMUL_FORWARD_MAX_POSITIONS and not q.requires_grad else picked(q)
+    ),
 }
 
 
 def model_rows(spec: dict) -> list[dict]:
-    """Forward passes of the 1x28x28 networks with full_attention's pick and with "fused" everywhere."""
+    """Forward passes of the 1x28x28 networks under each of FORWARD_RULES, interleaved."""
     import speed
 
     from ddpmkit.models import layers
@@ -180,11 +189,14 @@ def report(result: dict) -> str:
         "SDPA's flash kernel on contiguous q, k, v, `fused_fp32` the same on fp32 copies, `matmul` two matmuls "
         "with fp32 scores, a few images at a time. **Bold**: what "
         "`full_attention` runs. Error: relative to fp64, q, k, v ~ N(0, 4).",
-        "",
-        f"| attention at | C, heads, d | N | dtype | forward ms: {' / '.join(KERNELS)} | pick | "
-        f"forward + backward ms: {' / '.join(KERNELS)} | pick | rel. error: {' / '.join(ATTENTION_KERNELS)} |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    if result["rows"]:  # none with --model-only
+        lines += [
+            "",
+            f"| attention at | C, heads, d | N | dtype | forward ms: {' / '.join(KERNELS)} | pick | "
+            f"forward + backward ms: {' / '.join(KERNELS)} | pick | rel. error: {' / '.join(ATTENTION_KERNELS)} |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in result["rows"]:
         errors = " / ".join(f"{r[f'{k}_rel_error']:.1e}" for k in ATTENTION_KERNELS)
         lines.append(
@@ -196,11 +208,11 @@ def report(result: dict) -> str:
         "",
         f"In the model: one forward pass of bench/speed.py's 1x28x28 networks (batch {result['batch']}, no "
         f"gradient; bf16 as autocast), full_attention's pick against the fused kernel everywhere and "
-        f"against two matmuls up to 256 positions, {result['rounds']} interleaved rounds of "
+        f"against two matmuls up to {MATMUL_FORWARD_MAX_POSITIONS} positions, {result['rounds']} interleaved rounds of "
         f"{result['seconds']:g} s, the best of each:",
         "",
-        "| network | dtype | ms with the pick | ms with fused | ms with matmul <= 256 | pick vs fused | "
-        "pick vs matmul |",
+        "| network | dtype | ms with the pick | ms with fused | "
+        f"ms with matmul <= {MATMUL_FORWARD_MAX_POSITIONS} | pick vs fused | pick vs matmul |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result.get("model_rows", []):

@@ -188,6 +188,7 @@ FP32_ATTENTION_MAX_POSITIONS = 256
 # sampling; chunked, a bf16 forward pass of the diffusers-matched network at 1x28x28 ran 1.08x faster
 # than with the fused kernel, the default and lucidrains-matched ones 1.04-1.05x (bench/attention.py's
 # in-model table, AVX-512 BF16, 2026-12-03).
+MATMUL_FORWARD_MAX_POSITIONS = 256
 MATMUL_ATTENTION_CHUNK_BYTES = 4 << 20
 
 
@@ -208,7 +209,7 @@ def cpu_attention_kernel(q: Tensor) -> str:
         return "fused"
     positions = q.shape[-1]
     if not training:
-        return "matmul" if positions <= FP32_ATTENTION_MAX_POSITIONS else "fused"
+        return "matmul" if positions <= MATMUL_FORWARD_MAX_POSITIONS else "fused"
     if positions <= MATMUL_ATTENTION_MAX_POSITIONS:
         return "matmul"
     return "fused_fp32" if positions <= FP32_ATTENTION_MAX_POSITIONS else "fused"
