@@ -118,11 +118,21 @@ def worker(spec: dict) -> dict:
     return {"rows": rows, "model_rows": model_rows(spec), "capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def forward_rule(picked, forward_kernel):
+    """cpu_attention_kernel with forward passes (no gradient) sent to forward_kernel(q) instead."""
+
+    def rule(q):
+        training = torch.is_grad_enabled() and q.requires_grad
+        return picked(q) if training else forward_kernel(q)
+
+    return rule
+
+
 FORWARD_RULES = {  # the in-model table's columns: full_attention's pick, and two rules for forward passes
     "pick": lambda picked: picked,
-    "fused": lambda picked: lambda q: "fused",
-    "matmul": lambda picked: (
-        lambda q: "matmul" if q.shape[-1] <= MATMUL_FORWARD_MAX_POSITIONS and not q.requires_grad else picked(q)
+    "fused": lambda picked: forward_rule(picked, lambda q: "fused"),
+    "matmul": lambda picked: forward_rule(
+        picked, lambda q: "matmul" if q.shape[-1] <= MATMUL_FORWARD_MAX_POSITIONS else picked(q)
     ),
 }
 

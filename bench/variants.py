@@ -53,14 +53,11 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     variant = spec["variant"]
     if variant == "fused_forward_attention":
+        import attention
+
         from ddpmkit.models import layers
 
-        picked = layers.cpu_attention_kernel
-
-        def fused_forward(q):
-            return picked(q) if torch.is_grad_enabled() and q.requires_grad else "fused"
-
-        layers.cpu_attention_kernel = fused_forward
+        layers.cpu_attention_kernel = attention.FORWARD_RULES["fused"](layers.cpu_attention_kernel)
     if spec["model"] == "default":
         model, conditional = speed.default_model(28), True
     else:
