@@ -17,6 +17,7 @@ from ddpmkit.run.config import (
     default_attn_resolutions,
     default_batch_size,
     default_channel_mults,
+    default_lr,
     from_dict,
     resolve,
 )
@@ -111,8 +112,39 @@ def test_channel_mults_alone_needs_no_attention_flag_and_config_json_holds_the_d
     assert main([*args, *budget]) == 0
     saved = json.loads((run / "config.json").read_text())
     assert saved["model"]["channel_mults"] == [1, 2] and saved["model"]["attn_resolutions"] == [16]
-    assert saved["train"]["lr"] == 1e-3 and saved["train"]["batch_size"] == 4
+    assert saved["train"]["lr"] == 2e-3 and saved["train"]["batch_size"] == 4  # colour at 32x32
     assert saved["image_size"] == 32 and saved["in_channels"] == 3
+
+
+@pytest.mark.parametrize(
+    "channels, size, lr",
+    [
+        (1, 28, 1e-3),  # Fashion-MNIST: measured, 2e-3 no better
+        (3, 32, 2e-3),  # emoji-noto at 32x32: measured, FD_dom 0.78x (4 min) and 0.83x (15 min)
+        (3, 16, 2e-3),
+        (3, 64, 1e-3),  # colour above 32x32: not measured, so the old value
+        (1, 32, 1e-3),
+    ],
+)
+def test_default_lr_follows_the_measured_kind_of_data(channels, size, lr):
+    assert default_lr(size, 64, channels) == lr
+    config = RunConfig()
+    config.image_size, config.in_channels = size, channels
+    assert resolve(config).train.lr == lr
+    given = apply_overrides(config, {"train": {"lr": 5e-4}})
+    assert resolve(given).train.lr == 5e-4  # a value the user set is kept
+
+
+def test_a_grayscale_folder_gets_the_grayscale_lr_through_the_cli(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    for i in range(4):
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (32, 32), 40 * i).save(data / f"c{i % 2}" / f"{i}.png")
+    args = ["train", "--dataset", "folder", "--data-dir", str(data), "--image-size", "32"]
+    budget = ["--steps", "1", "--batch-size", "4", "--sample-steps", "1", "--no-progress", "--out", str(run)]
+    assert main([*args, *budget]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["in_channels"] == 1 and saved["train"]["lr"] == 1e-3
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,7 @@ TRAIN_FLAGS = [
         "equally often, small classes' images repeated (0)",
     ),
     ("--optimizer", "train.optimizer", str, f"{either(OPTIMIZERS)} (adamw)"),
-    ("--lr", "train.lr", float, "peak learning rate (1e-3 at every image size so far)"),
+    ("--lr", "train.lr", float, "peak learning rate (2e-3 for colour images up to 32x32, else 1e-3)"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay (0)"),
     ("--warmup", "train.warmup", int, "linear learning-rate warm-up steps (200)"),
     (

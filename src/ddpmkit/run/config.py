@@ -98,7 +98,7 @@ class TrainConfig:
     batch_size: int | None = None  # images per micro-batch and process; None = derived (28x28: 64)
     grad_accum: int = 1
     optimizer: str = "adamw"  # a name in OPTIMIZERS
-    lr: float | None = None  # peak learning rate; None = derived (28x28: 1e-3)
+    lr: float | None = None  # peak learning rate; None = derived (grayscale: 1e-3; colour <= 32x32: 2e-3)
     weight_decay: float = 0.0
     warmup: int = 200  # linear LR warm-up steps
     lr_schedule: str = "constant"  # after the warm-up: constant, or cosine / linear decay to 0 at the budget's end
@@ -350,9 +350,19 @@ def default_batch_size(image_size: int) -> int:
     return max(8, min(64, 64 * 64**2 // image_size**2))
 
 
-def default_lr(image_size: int, batch_size: int) -> float:
-    """1e-3: measured at 28x28 and batch 64 (bench/recipe.py); used at every size until measured there."""
-    return 1e-3
+def default_lr(image_size: int, batch_size: int, channels: int = 1) -> float:
+    """The peak learning rate measured for the data's kind, at batch 64 (bench/recipe.py, equal wall clock):
+
+    - grayscale 28x28 (Fashion-MNIST): 1e-3 (2e-3 was within noise at 4 minutes, and 2e-3 with a
+      cosine decay 1.17x worse at 15: bench/results/recipe-2026-11-27-4min.md and
+      recipe-2026-12-02-fashion-short-15min-rows-0-1-2-5.md);
+    - colour up to 32x32 (emoji-noto at 32x32): 2e-3, FD_dom 0.78x the 1e-3 row's at 4 minutes and
+      0.83x at 15 (bench/results/recipe-2026-12-03-folder-32-{4,15}min-*.md).
+
+    Every other kind (colour above 32x32, grayscale at other sizes) keeps 1e-3 until measured there.
+    """
+    colour_small = channels == 3 and image_size <= 32
+    return 2e-3 if colour_small else 1e-3
 
 
 def resolve(config: RunConfig) -> RunConfig:
@@ -363,7 +373,7 @@ def resolve(config: RunConfig) -> RunConfig:
     mults = m.channel_mults if m.channel_mults is not None else default_channel_mults(size)
     attn = m.attn_resolutions if m.attn_resolutions is not None else default_attn_resolutions(size, mults)
     batch = t.batch_size if t.batch_size is not None else default_batch_size(size)
-    lr = t.lr if t.lr is not None else default_lr(size, batch)
+    lr = t.lr if t.lr is not None else default_lr(size, batch, config.in_channels)
     guidance, interval = config.sample.guidance, config.sample.guidance_interval
     if guidance is None:  # derived: a new run's default guidance, in the default interval
         guidance = default_guidance(config)
