@@ -45,6 +45,7 @@ from ddpmkit.models.layers import (
     ATTENTION_KERNELS,
     MATMUL_FORWARD_MAX_POSITIONS,
     cpu_attention_kernel,
+    is_training_pass,
     matmul_attention,
 )
 
@@ -122,8 +123,7 @@ def forward_rule(picked, forward_kernel):
     """cpu_attention_kernel with forward passes (no gradient) sent to forward_kernel(q) instead."""
 
     def rule(q):
-        training = torch.is_grad_enabled() and q.requires_grad
-        return picked(q) if training else forward_kernel(q)
+        return picked(q) if is_training_pass(q) else forward_kernel(q)
 
     return rule
 

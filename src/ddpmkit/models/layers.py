@@ -202,9 +202,14 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return ATTENTION_KERNELS[cpu_attention_kernel(q)](q, k, v)
 
 
+def is_training_pass(q: Tensor) -> bool:
+    """Whether attention on q will be differentiated (a training step), not a forward pass only."""
+    return torch.is_grad_enabled() and q.requires_grad
+
+
 def cpu_attention_kernel(q: Tensor) -> str:
     """The name of the kernel full_attention runs for q: "matmul", "fused_fp32" or "fused"."""
-    training = torch.is_grad_enabled() and q.requires_grad
+    training = is_training_pass(q)
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return "fused"
     positions = q.shape[-1]
