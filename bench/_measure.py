@@ -218,6 +218,7 @@ def machine(threads: int) -> dict:
         "torch": torch.__version__,
         "threads": threads,
         "load_average_at_start": os.getloadavg()[0],
+        "cpu_busy_at_start": cpu_busy_share(),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
         "isa": [f for f in ISA_FLAGS if f in flags],  # what the CPU has
@@ -227,9 +228,38 @@ def machine(threads: int) -> dict:
     }
 
 
+def cpu_busy_share(seconds: float = 1.0, stat: str = "/proc/stat") -> float | None:
+    """The share of all CPUs that other processes kept busy over `seconds` while this one sleeps, from
+    the kernel's counters (None without /proc). Unlike the 1-minute load average, it does not count a
+    benchmark that ended just before this one began: that load decays over minutes."""
+
+    def counters() -> tuple[int, int]:  # (all jiffies, idle + iowait jiffies) since boot
+        with open(stat) as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+        return user + nice + system + idle + iowait + irq + softirq + steal, idle + iowait
+
+    try:
+        total_0, idle_0 = counters()
+        time.sleep(seconds)
+        total_1, idle_1 = counters()
+    except (OSError, ValueError):
+        return None
+    total = total_1 - total_0
+    return (total - (idle_1 - idle_0)) / total if total > 0 else None
+
+
 def busy_warning(info: dict) -> str:
     """A sentence when other work was running: with every core in use, OpenMP threads wait on each other
-    at every operator, and a 2-thread step can take 20x longer than on a quiet machine."""
+    at every operator, and a 2-thread step can take 20x longer than on a quiet machine. Judged by the
+    CPUs' busy share when the benchmark began; reports from before it was recorded, by the load average."""
+    busy = info.get("cpu_busy_at_start")
+    if busy is not None:
+        if busy < 0.25:  # a quarter of the CPUs: half a core on this project's 2
+            return ""
+        return (
+            f"WARNING: other processes kept {busy:.0%} of the {info['cores']} CPUs busy as it began; "
+            "these figures are not representative."
+        )
     load = info.get("load_average_at_start", 0.0)
     if load < 0.25 * (info.get("cores") or 2):  # 0.5 on this project's 2 cores
         return ""

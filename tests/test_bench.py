@@ -5,8 +5,10 @@ tests never import them, and run the speed benchmark with --skip-references.
 """
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,34 @@ def test_flop_count_includes_cpu_attention():
     q = torch.randn(B, H, N, d)
     flops = measure.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
     assert flops == 2 * (2 * B * H * N * N * d)  # q k^T and (softmax) v, a multiply-add each
+
+
+def test_busy_warning_reads_the_cpus_now_not_the_load_a_finished_benchmark_left(tmp_path):
+    measure = _bench_module("_measure")
+    chained = {"cores": 2, "load_average_at_start": 1.6, "cpu_busy_at_start": 0.02}  # the last bench just ended
+    assert measure.busy_warning(chained) == ""
+    assert "60% of the 2 CPUs busy" in measure.busy_warning({**chained, "cpu_busy_at_start": 0.6})
+    assert "load average 1.6" in measure.busy_warning({"cores": 2, "load_average_at_start": 1.6})  # old reports
+    stat = tmp_path / "stat"
+    ticks = iter(["cpu  100 0 100 800 0 0 0 0 0 0", "cpu  150 0 130 820 0 0 0 0 0 0"])  # 80 of 100 busy
+
+    class Stat:  # each open() of the file reads the next snapshot
+        def __fspath__(self):
+            stat.write_text(next(ticks) + "\ncpu0 ...\n")
+            return str(stat)
+
+    assert measure.cpu_busy_share(0.0, Stat()) == pytest.approx(0.8)
+    assert measure.cpu_busy_share(0.0, str(tmp_path / "missing")) is None
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 3\nwhile time.time() < t: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        time.sleep(0.5)  # the interpreters are up and spinning
+        assert measure.cpu_busy_share(1.0) > 0.5  # every CPU busy with a process other than this one
+    finally:
+        for p in spinners:
+            p.kill()
 
 
 def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
