@@ -127,7 +127,7 @@ def test_channel_mults_alone_needs_no_attention_flag_and_config_json_holds_the_d
     ],
 )
 def test_default_lr_follows_the_measured_kind_of_data(channels, size, lr):
-    assert default_lr(size, 64, channels) == lr
+    assert default_lr(size, channels) == lr
     config = RunConfig()
     config.image_size, config.in_channels = size, channels
     assert resolve(config).train.lr == lr

@@ -350,7 +350,7 @@ def default_batch_size(image_size: int) -> int:
     return max(8, min(64, 64 * 64**2 // image_size**2))
 
 
-def default_lr(image_size: int, batch_size: int, channels: int = 1) -> float:
+def default_lr(image_size: int, channels: int = 1) -> float:
     """The peak learning rate measured for the data's kind, at batch 64 (bench/recipe.py, equal wall clock):
 
     - grayscale 28x28 (Fashion-MNIST): 1e-3 (2e-3 was within noise at 4 minutes, and 2e-3 with a
@@ -373,7 +373,7 @@ def resolve(config: RunConfig) -> RunConfig:
     mults = m.channel_mults if m.channel_mults is not None else default_channel_mults(size)
     attn = m.attn_resolutions if m.attn_resolutions is not None else default_attn_resolutions(size, mults)
     batch = t.batch_size if t.batch_size is not None else default_batch_size(size)
-    lr = t.lr if t.lr is not None else default_lr(size, batch, config.in_channels)
+    lr = t.lr if t.lr is not None else default_lr(size, config.in_channels)
     guidance, interval = config.sample.guidance, config.sample.guidance_interval
     if guidance is None:  # derived: a new run's default guidance, in the default interval
         guidance = default_guidance(config)
