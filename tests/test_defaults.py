@@ -17,6 +17,7 @@ from ddpmkit.run.config import (
     default_attn_resolutions,
     default_batch_size,
     default_channel_mults,
+    default_class_balance,
     default_lr,
     from_dict,
     resolve,
@@ -145,6 +146,21 @@ def test_a_grayscale_folder_gets_the_grayscale_lr_through_the_cli(tmp_path):
     assert main([*args, *budget]) == 0
     saved = json.loads((run / "config.json").read_text())
     assert saved["in_channels"] == 1 and saved["train"]["lr"] == 1e-3
+    assert saved["data"]["class_balance"] == 0.5  # a folder's derived default, saved resolved
+
+
+def test_class_balance_is_derived_for_a_folder_and_kept_for_runs_saved_without_it(tmp_path):
+    folder_config = apply_overrides(RunConfig(), {"data": {"dataset": "folder"}})
+    assert resolve(folder_config).data.class_balance == default_class_balance("folder") == 0.5
+    assert resolve(RunConfig()).data.class_balance == 0.0  # Fashion-MNIST: balanced, plain epochs
+    given = apply_overrides(folder_config, {"data": {"class_balance": 0.0}})
+    assert resolve(given).data.class_balance == 0.0  # a value the user set is kept
+    run = tmp_path / "old-run"
+    run.mkdir()
+    saved = json.loads(resolve(folder_config).to_json())
+    del saved["data"]["class_balance"]  # a folder run saved before --class-balance existed
+    (run / "config.json").write_text(json.dumps(saved))
+    assert checkpoint.load_config(run).data.class_balance == 0.0  # it keeps drawing plain epochs on --resume
 
 
 @pytest.fixture(scope="module")

@@ -238,6 +238,7 @@ def test_class_balance_0_or_one_class_keeps_the_plain_epochs():
     assert class_balance_weights(skewed_labels(), 0.0) is None
     assert class_balance_weights(torch.full((50,), -1), 1.0) is None  # unlabelled: nothing to balance
     assert class_balance_weights(skewed_labels(), 1.0) is not None
+    assert class_balance_weights(skewed_labels(50, 50), 0.5) is None  # classes alike: plain epochs
 
 
 def test_the_trainer_draws_its_batches_by_class_balance(tmp_path):

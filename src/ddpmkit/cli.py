@@ -163,7 +163,7 @@ TRAIN_FLAGS = [
         "data.class_balance",
         float,
         "draw class c with probability ~ n_c^(1 - B) in training: 0 as the data falls, 1 every class "
-        "equally often, small classes' images repeated (0)",
+        "equally often, small classes' images repeated (0.5 for a folder, else 0)",
     ),
     ("--optimizer", "train.optimizer", str, f"{either(OPTIMIZERS)} (adamw)"),
     ("--lr", "train.lr", float, "peak learning rate (2e-3 for colour images up to 32x32, else 1e-3)"),

@@ -91,6 +91,10 @@ def load_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     refusal = f"{path} is not a valid ddpmkit config"
     data = read_json(path, refusal)
+    if isinstance(data, dict) and isinstance(data.get("data"), dict):
+        # runs saved before --class-balance existed drew plain epochs: keep them so (a resume stays
+        # bit-identical), rather than derive today's default for them
+        data["data"].setdefault("class_balance", 0.0)
     try:
         config = resolve(from_dict(RunConfig, data))
         validate(config)

@@ -122,8 +122,8 @@ def class_balance_weights(labels: torch.Tensor, balance: float) -> torch.Tensor 
     """Per-image sampling weights w_i = n_c(i)^-balance, so that class c is drawn with probability
     ~ n_c^(1 - balance): 0 = as the data falls (None: plain permutations), 1 = every class equally."""
     _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    if balance == 0 or len(counts) < 2:  # nothing to balance (unlabelled data is one class, -1)
-        return None
+    if balance == 0 or len(counts) < 2 or bool((counts == counts[0]).all()):
+        return None  # nothing to balance: one class (unlabelled data is one class, -1), or all alike
     return counts.double().pow(-balance)[inverse]  # w_i = n_c(i)^-B
 
 
