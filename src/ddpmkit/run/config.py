@@ -388,11 +388,11 @@ def resolve(config: RunConfig) -> RunConfig:
     if guidance is None:  # derived: a new run's default guidance, in the default interval
         guidance = default_guidance(config)
         interval = DEFAULT_GUIDANCE_INTERVAL if guidance != 1.0 and interval is None else interval
-    balance = config.data.class_balance
-    balance = balance if balance is not None else default_class_balance(config.data.dataset)
+    data = config.data
+    balance = data.class_balance if data.class_balance is not None else default_class_balance(data.dataset)
     return dataclasses.replace(
         config,
-        data=dataclasses.replace(config.data, class_balance=balance),
+        data=dataclasses.replace(data, class_balance=balance),
         model=dataclasses.replace(m, channel_mults=tuple(mults), attn_resolutions=tuple(attn)),
         train=dataclasses.replace(t, batch_size=batch, lr=lr),
         sample=dataclasses.replace(config.sample, guidance=guidance, guidance_interval=interval),
