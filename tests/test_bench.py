@@ -124,7 +124,7 @@ def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
     for dataset, size, rows in recipe.ROW_SETS.values():
         flags = list(rows.values())
         assert flags[0] == [] and all(f[0].startswith("--") for f in flags[1:])
-        switches = ("--hflip", "--grad-checkpointing")
+        switches = ("--hflip", "--grad-checkpointing", "--self-condition")
         assert all(len(f) % 2 == 0 or (len(f) == 1 and f[0] in switches) for f in flags[1:])  # flag-value pairs
         assert len({tuple(f) for f in flags}) == len(flags)  # no row repeats another
         assert (dataset == "folder") == (size is not None)
