@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpmkit.cli import BOOL_FLAGS
 from ddpmkit.core.precision import resolve_precision
 from ddpmkit.run.build import net as build_net
 from ddpmkit.run.config import RunConfig
@@ -124,7 +125,7 @@ def test_recipe_rows_are_one_change_each_and_bad_rows_are_refused(capsys):
     for dataset, size, rows in recipe.ROW_SETS.values():
         flags = list(rows.values())
         assert flags[0] == [] and all(f[0].startswith("--") for f in flags[1:])
-        switches = ("--hflip", "--grad-checkpointing", "--self-condition")
+        switches = BOOL_FLAGS  # `ddpmkit train`'s flags that take no value
         assert all(len(f) % 2 == 0 or (len(f) == 1 and f[0] in switches) for f in flags[1:])  # flag-value pairs
         assert len({tuple(f) for f in flags}) == len(flags)  # no row repeats another
         assert (dataset == "folder") == (size is not None)
