@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -50,6 +51,21 @@ DDIM_50_FLAGS = [arg for key, value in DDIM_50.items() for arg in (f"--{key}", s
 
 FULL = Sizes(batch=64, warmup=3, windows=5, steps_per_window=4, sample_steps=50, sample_repeats=3)
 QUICK = Sizes(batch=4, warmup=1, windows=2, steps_per_window=1, sample_steps=2, sample_repeats=1)
+
+
+def run_main(main: Callable[[], int | None]) -> int:
+    """Run a bench script's main so that `kill PID` (SIGTERM) stops the rows it started too.
+
+    By default SIGTERM ends this process at once and leaves a row's `ddpmkit train` running on,
+    busy on the cores the next measurement needs. Here it becomes SystemExit(143) instead: the
+    `subprocess.run` waiting on the row kills it, and `finally` blocks clean up, as on Ctrl-C.
+    """
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return main() or 0
 
 
 def set_threads(threads: int) -> None:

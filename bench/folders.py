@@ -159,4 +159,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_measure.run_main(main))

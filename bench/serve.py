@@ -179,4 +179,4 @@ def report(summary: dict, machine: dict, args, config, command: str, rss: float)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_measure.run_main(main))

@@ -5,8 +5,11 @@ tests never import them, and run the speed benchmark with --skip-references.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -466,3 +469,29 @@ def test_attention_bench_times_each_forward_rule_in_the_model_and_restores_the_p
     assert all(r["pick_ms"] == r["fused_ms"] == r["matmul_ms"] == 1.0 for r in rows)
     assert set(kernels) == {"fused", "matmul"}  # fp32: the pick and "fused" run fused, the matmul rule matmul
     assert layers.cpu_attention_kernel is picked
+
+
+def test_killing_a_bench_script_stops_the_row_it_started(tmp_path):
+    # `kill PID` on a bench script must not leave its `ddpmkit train` row running on the cores
+    # the next measurement needs: run_main turns SIGTERM into an exit that subprocess.run cleans up
+    pid_file = tmp_path / "child.pid"
+    row = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    script = (
+        f"import subprocess, sys; sys.path.insert(0, {str(BENCH)!r}); import _measure\n"
+        f"sys.exit(_measure.run_main(lambda: subprocess.run([sys.executable, '-c', {row!r}]).returncode))\n"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    bench.send_signal(signal.SIGTERM)
+    try:
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # killed and reaped, not orphaned
+            os.kill(child, 0)
+    finally:  # leave no sleeper behind if the assertions fail
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
