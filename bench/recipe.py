@@ -7,10 +7,10 @@
 
 Every row is `ddpmkit train` on the set's data with the default recipe plus one change (batch,
 learning rate, EMA decay, loss weighting, model width and depth, attention, flips, class balance,
-self-conditioning), run one after another on the same machine with the same seed, then
-`ddpmkit eval --n N` (DDIM, 50 steps; domain metrics only; a folder is judged against its held-out
-split). Each row also reports the minutes its `ddpmkit train` process took and its peak resident
-memory (64x64 on 2 cores must stay under 4 GiB).
+self-conditioning, noise-level sampling, power EMA), run one after another on the same machine
+with the same seed, then `ddpmkit eval --n N` (DDIM, 50 steps; domain metrics only; a folder is
+judged against its held-out split). Each row also reports the minutes its `ddpmkit train` process
+took and its peak resident memory (64x64 on 2 cores must stay under 4 GiB).
 A shorter budget than the final one ranks the changes cheaply; the winner is confirmed at the full
 budget against the default in one run (`--rows`), since what wins in 4 minutes can lose in 15.
 
@@ -89,6 +89,11 @@ FOLDER_32_ROWS = {
     "--self-condition (Chen et al., Analog Bits: x0_hat fed back; an extra no-grad pass on half the steps)": [
         "--self-condition"
     ],
+    "--t-sampling lognormal (EDM's noise levels: more steps where the content is decided)": [
+        "--t-sampling",
+        "lognormal",
+    ],
+    "--ema-power 7 (Karras et al. 2024 power EMA, an average over the last ~10% of the run)": ["--ema-power", "7"],
 }
 FOLDER_64_ROWS = {
     "default (whatever `ddpmkit train` derives for this folder at 64x64)": [],
