@@ -24,7 +24,7 @@ from ddpmkit.eval import domain, inception
 from ddpmkit.eval.inception import InceptionMetrics, InceptionUnavailable
 from ddpmkit.eval.inceptionv3 import InceptionV3, resize_bilinear_tf1
 from ddpmkit.eval.metrics import feature_stats, frechet_distance, gaussian_blur, inception_score, precision_recall
-from ddpmkit.eval.report import bits_per_dim
+from ddpmkit.eval.report import auto_nll_n, bits_per_dim
 from ddpmkit.run import build
 from ddpmkit.run.config import RunConfig
 
@@ -537,7 +537,21 @@ def test_bits_per_dim_reports_each_likelihood_the_model_has(data, measured, caps
         assert "label dropout" in out["unconditional"]["skipped"]
 
 
+def test_auto_nll_n_keeps_the_bound_affordable_on_a_cpu():
+    """`--nll-n auto`: 1000 images on a GPU; on a CPU 100 up to 32x32 and a quarter per doubling of
+    the side, since the bound costs ~200 fp32 passes per image (a 64x64 eval of 378 held-out
+    images spent over 30 minutes in it on 2 cores)."""
+    assert [auto_nll_n(size, "cpu") for size in (16, 28, 32, 64, 128, 512)] == [100, 100, 100, 25, 6, 4]
+    assert auto_nll_n(64, "cuda") == auto_nll_n(28, "cuda:0") == 1000
+
+
 def test_eval_refuses_bad_arguments(capsys):
     assert main(["eval", "--n", "5"]) == 2
     assert "give either RUN_DIR or --reference" in capsys.readouterr().err
     assert main(["eval", "--reference", "mnist", "--n", "1"]) == 2
+    assert "--n must be >= 4" in capsys.readouterr().err
+    assert main(["eval", "--reference", "mnist", "--nll-n", "-1"]) == 2
+    assert "--nll-n must be auto or >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--reference", "mnist", "--nll-n", "many"])
+    assert stop.value.code == 2 and "invalid count or auto value: 'many'" in capsys.readouterr().err

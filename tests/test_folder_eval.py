@@ -176,8 +176,10 @@ def test_eval_scores_a_folder_run_and_its_reference_rows(folder, tmp_path, monke
     train = ["train", "--dataset", "folder", "--data-dir", str(folder), "--image-size", "16", *tiny, *fast]
     assert main([*train, "--steps", "2", "--precision", "fp32", "--out", str(run)]) == 0
     common = ["--inception", "off", "--no-progress", "--n", "12"]
-    assert main(["eval", str(run), *common, "--steps", "2", "--nll-n", "2", "--nll-stride", "10"]) == 0
-    out = capsys.readouterr().out
+    # --nll-n auto (the default) on a CPU: 100 images at 16x16, so all 5 held-out ones, said in one line
+    assert main(["eval", str(run), *common, "--steps", "2", "--nll-stride", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert "bits/dim on 5 test images, 6 fp32 network passes each (--nll-n 0 skips it)" in err
     assert "domain classifier_test_balanced_accuracy" in out and "domain conditional_balanced_accuracy" in out
     assert "domain conditional_accuracy_per_class" in out
     (report_file,) = run.glob("eval-*.json")
@@ -188,7 +190,8 @@ def test_eval_scores_a_folder_run_and_its_reference_rows(folder, tmp_path, monke
     assert classifier["train_class_counts"] == [27, 11, 5]
     assert classifier["test_accuracy"] >= 0.8 and classifier["test_balanced_accuracy"] >= 0.6
     assert results["domain"]["classifier_test_balanced_accuracy"] == classifier["test_balanced_accuracy"]
-    assert results["domain"]["reference_n"] == 5 and results["nll"]["conditional"]["n"] == 2
+    assert results["domain"]["reference_n"] == 5 and results["nll"]["conditional"]["n"] == 5
+    assert json.loads(report_file.read_text())["nll_n"] == 5
 
     reports = {}
     for blur in ("0", "1"):

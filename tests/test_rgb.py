@@ -74,7 +74,7 @@ def _model_weights(run):
     return load_file(str(checkpoint.latest_checkpoint(run) / "model.safetensors"))
 
 
-def test_rgb_folder_trains_and_samples_rgb(shapes, tmp_path):
+def test_rgb_folder_trains_and_samples_rgb(shapes, tmp_path, capsys):
     run = tmp_path / "run"
     assert (
         main(
@@ -102,8 +102,13 @@ def test_rgb_folder_trains_and_samples_rgb(shapes, tmp_path):
     assert Image.open(run / "samples" / "step-00000003.png").mode == "RGB"
 
     grid, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
+    capsys.readouterr()
     assert main(["sample", str(run), "--n", "6", "--steps", "2", "--out", str(grid), "--npz", str(npz)]) == 0
     assert Image.open(grid).mode == "RGB"
+    assert "sampling" in capsys.readouterr().err  # the progress bar, which --no-progress turns off for scripts
+    quiet = ["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "quiet.png"), "--no-progress"]
+    assert main(quiet) == 0
+    assert "sampling" not in capsys.readouterr().err
     with np.load(npz) as arrays:
         assert arrays["images"].shape == (6, 16, 16, 3) and arrays["images"].dtype == np.uint8
         assert arrays["labels"].tolist() == [0, 0, 0, 1, 1, 1]
