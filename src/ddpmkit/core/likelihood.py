@@ -146,6 +146,11 @@ def kl_blocks(T: int, stride: int) -> list[tuple[int, int]]:
     return [(start, min(stride, T + 1 - start)) for start in range(2, T + 1, stride)]
 
 
+def bound_blocks(T: int, stride: int) -> list[tuple[int, int]]:
+    """The blocks nll_bpd evaluates one network pass per image for: L_0 (t = 1) alone, then kl_blocks."""
+    return [(1, 1)] + kl_blocks(T, stride)
+
+
 def as_grid_images(x0: torch.Tensor) -> torch.Tensor:
     """uint8 images, or floats in [-1, 1] already on the 8-bit grid -> floats in [-1, 1] (exactly on the grid)."""
     if x0.dtype == torch.uint8:
@@ -178,7 +183,7 @@ def nll_bpd(
         raise DdpmkitError(f"the bits/dim stride must be >= 1, got {stride}")
     schedule, device = denoiser.schedule, next(denoiser.parameters(), torch.empty(0)).device
     x0 = as_grid_images(x0)
-    blocks = [(1, 1)] + kl_blocks(schedule.T, stride)
+    blocks = bound_blocks(schedule.T, stride)
     dims_ln2 = x0[0].numel() * math.log(2)
     prior, decoder, kl, per_block = [], [], [], torch.zeros(len(blocks), dtype=torch.float64)
     for start in maybe_tqdm(range(0, len(x0), batch_size), progress, "bits/dim"):

@@ -11,7 +11,7 @@ import numpy
 import torch
 
 from ddpmkit import __version__
-from ddpmkit.core.likelihood import kl_blocks, nll_bpd
+from ddpmkit.core.likelihood import bound_blocks, nll_bpd
 from ddpmkit.core.pixels import to_model_range
 from ddpmkit.data import load_dataset
 from ddpmkit.data.folder import WHITE
@@ -76,7 +76,7 @@ def evaluate_run(
         )
         nll_n = min(nll_n, len(test))
         bounds = sum(nll_skip_reason(config, quantity) is None for quantity in NLL_QUANTITIES)
-        passes = bounds * (1 + len(kl_blocks(denoiser.schedule.T, nll_stride)))
+        passes = bounds * len(bound_blocks(denoiser.schedule.T, nll_stride))
         note = f"bits/dim on {nll_n} test images, {passes} fp32 network passes each (--nll-n 0 skips it)"
         print(note, file=sys.stderr)
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:nll_n]
